@@ -1,0 +1,428 @@
+"""The fused distillation loss: lm_head matmuls + CE + TAD in token chunks, optionally vocab-parallel.
+
+`fused_tad_loss` takes final hidden states and lm_head weights instead of logits. It walks over the
+valid tokens in chunks of at most `chunk_size`, computes both models' logits for the chunk, the
+per-token loss terms and, in the same pass, the gradient of the loss with respect to the student
+logits, which it immediately turns into gradients for the student hidden states and lm_head weight.
+Peak extra memory is a few [chunk, V] float32 buffers plus one weight-sized gradient, whatever the
+number of tokens; [tokens, V] logits never exist.
+
+Per-token quantities (notation of `dense.py`; r is a probability vector "relative to its region"):
+
+    on T_K:      r_i = p_i,  r^s_i = q_i
+    on the tail: r_i = p~_i = p_i / alpha_T,  r^s_i = q~_i = q_i / alpha_S
+
+    D1 = sum_{T_K} r_i log(r_i / r^s_i) + alpha_T log(alpha_T / alpha_S)
+    D2 = sum_{tail} r_i log(r_i / r^s_i)
+    L_DIV = D1 + omega * D2,   omega = beta * alpha_T [/ mean_seq alpha_T]    (omega = alpha_T: KL)
+
+so one elementwise pass r * (log r - log r^s), split by region, gives D1 and D2 together.
+Gradient of ce_weight * CE + L_DIV with respect to a student logit z_j (METHOD.md, with
+w = omega / alpha_T; lambda = 1 for a divergence, 0 for CE only):
+
+    j in T_K:   (lambda + ce_weight) q_j - lambda p_j                         - ce_weight [j = y]
+    j in tail:  ((lambda + ce_weight) alpha_S - lambda alpha_T + omega) q~_j - omega p~_j - ce_weight [j = y]
+
+Reverse KL, KL(q || p), has gradient q_j (log q_j - log p_j - KL(q || p)).
+
+Sequence-level normalisation needs mean alpha_T over each sequence before any gradient of that
+sequence can be formed. Chunks therefore hold whole sequences; only a sequence with more than
+`chunk_size` valid tokens is split, and for it a teacher-only pre-pass computes the mean first
+(one extra teacher lm_head matmul for those tokens).
+
+Vocab-parallel mode (`group`): every rank passes the same hidden states and labels and its own
+contiguous row shard of both weights; the per-token reductions above cross the group through
+`VocabShards`, the hidden-state gradient is all-reduced, and each rank keeps its rows' weight
+gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .dense import validate_tad_args
+from .vocab_parallel import VocabShards
+
+__all__ = ["fused_tad_loss", "TADLossOutput", "DIVERGENCES", "IGNORE_INDEX"]
+
+DIVERGENCES = ("tad", "forward_kl", "reverse_kl", "none")
+IGNORE_INDEX = -100
+_STATS = ("ce", "divergence", "kl_to_teacher", "teacher_tail_mass", "student_tail_mass")
+
+
+@dataclass
+class TADLossOutput:
+    """The loss and its parts, each a mean over the valid tokens of the batch.
+
+    `loss` is differentiable; the rest are detached. Tail masses are NaN when no top-K was taken
+    (`divergence="forward_kl"`/`"reverse_kl"`/`"none"` without `k`); teacher terms are NaN when no
+    teacher was used.
+    """
+
+    loss: Tensor
+    ce: Tensor
+    divergence: Tensor
+    kl_to_teacher: Tensor
+    teacher_tail_mass: Tensor
+    student_tail_mass: Tensor
+    num_tokens: int
+
+    @property
+    def student_topk_mass(self) -> Tensor:
+        """Q: the student's probability mass on the teacher's top-K tokens."""
+        return 1.0 - self.student_tail_mass
+
+
+@dataclass(frozen=True)
+class _Spec:
+    divergence: str
+    k: int | None
+    beta: float
+    normalize: bool
+    ce_weight: float
+    chunk_size: int
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.divergence != "none" or self.k is not None
+
+    @property
+    def whole_sequences(self) -> bool:
+        return self.divergence == "tad" and self.normalize
+
+
+def fused_tad_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    labels: Tensor,
+    *,
+    k: int | None,
+    beta: float = 1.0,
+    normalize: bool = True,
+    ce_weight: float = 1.0,
+    divergence: str = "tad",
+    vocab_size: int | None = None,
+    group: dist.ProcessGroup | None = None,
+    chunk_size: int = 1024,
+) -> TADLossOutput:
+    """Mean over valid tokens of ce_weight * CE + L_DIV, from hidden states and lm_head weights.
+
+    Args:
+        student_hidden: [B, T, Hs] final student hidden states (any float dtype; math in float32).
+        student_weight: [V_r, Hs] student lm_head rows (all rows, or this rank's shard).
+        teacher_hidden: [B, T, Ht] final teacher hidden states (None only for CE without `k`).
+        teacher_weight: [V_r, Ht] teacher lm_head rows, the same token range as `student_weight`.
+        labels: [B, T] next-token targets aligned with positions; -100 = no loss at that position.
+        k: the teacher's top-K (required for "tad"; for the other divergences it only enables the
+            tail-mass diagnostics, at the cost of a top-K per token).
+        beta: the tail weight of TAD. normalize: divide it by the sequence's mean teacher tail mass.
+        ce_weight: weight of the student's cross-entropy on `labels`.
+        divergence: "tad", "forward_kl" (vanilla KD), "reverse_kl" or "none" (CE only).
+        vocab_size: rows with global index >= vocab_size are padding, excluded from both softmaxes.
+        group: vocab-parallel process group (each rank passes its contiguous row shard, rank order).
+        chunk_size: tokens per chunk; peak extra memory is a few chunk_size x V_r float32 buffers.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if divergence == "tad" or k is not None:
+        validate_tad_args(k, beta)
+    if ce_weight < 0:
+        raise ValueError(f"ce_weight must be >= 0, got {ce_weight!r}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
+    spec = _Spec(divergence, k, float(beta), normalize, float(ce_weight), int(chunk_size))
+    _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec)
+    loss, stats = _FusedDistillationLoss.apply(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec, vocab_size, group
+    )
+    num_tokens = int((labels != IGNORE_INDEX).sum())
+    return TADLossOutput(loss, *stats.unbind(), num_tokens=num_tokens)
+
+
+def _check_inputs(s_hidden, s_weight, t_hidden, t_weight, labels, spec: _Spec) -> None:
+    if s_hidden.dim() != 3 or labels.shape != s_hidden.shape[:2]:
+        raise ValueError(
+            f"student_hidden must be [B, T, H] and labels [B, T]; got {tuple(s_hidden.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
+    if s_weight.dim() != 2 or s_weight.shape[1] != s_hidden.shape[2]:
+        raise ValueError(
+            f"student_weight {tuple(s_weight.shape)} must be [V, {s_hidden.shape[2]}] (lm_head rows)"
+        )
+    if not spec.uses_teacher:
+        return
+    if t_hidden is None or t_weight is None:
+        raise ValueError(f"divergence={spec.divergence!r} needs teacher_hidden and teacher_weight")
+    if t_hidden.shape[:2] != s_hidden.shape[:2]:
+        raise ValueError(
+            f"teacher_hidden {tuple(t_hidden.shape)} and student_hidden {tuple(s_hidden.shape)} "
+            "must agree in [B, T]"
+        )
+    if t_weight.dim() != 2 or t_weight.shape[1] != t_hidden.shape[2]:
+        raise ValueError(
+            f"teacher_weight {tuple(t_weight.shape)} must be [V, {t_hidden.shape[2]}] (lm_head rows)"
+        )
+
+
+class _FusedDistillationLoss(torch.autograd.Function):
+    """Forward computes the loss and all gradients; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, labels, spec: _Spec, vocab_size, group):
+        shards = VocabShards(s_weight.shape[0], vocab_size, group)
+        if spec.uses_teacher:
+            t_shards = VocabShards(t_weight.shape[0], vocab_size, group)
+            if (t_shards.offset, t_shards.kept) != (shards.offset, shards.kept):
+                raise ValueError(
+                    "teacher_weight and student_weight must hold the same token rows on each rank: "
+                    f"student rows [{shards.offset}, {shards.offset + shards.kept}), teacher rows "
+                    f"[{t_shards.offset}, {t_shards.offset + t_shards.kept}); pass vocab_size to "
+                    "drop padding rows"
+                )
+        batch, seq_len, _ = s_hidden.shape
+        flat_labels = labels.reshape(-1)
+        valid = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+        targets = flat_labels.index_select(0, valid)
+        if targets.numel() and (targets.min() < 0 or targets.max() >= shards.vocab_size):
+            raise ValueError(
+                f"labels must lie in [0, {shards.vocab_size}) or be {IGNORE_INDEX}; got values in "
+                f"[{int(targets.min())}, {int(targets.max())}]"
+            )
+        # The matmuls run in the weights' dtype (bf16 on GPU); everything after them in float32
+        # (float64 for float64 weights, which the tests use).
+        s_h = s_hidden.reshape(-1, s_hidden.shape[-1]).index_select(0, valid).to(s_weight.dtype)
+        s_w = s_weight[: shards.kept]
+        t_h = t_w = None
+        if spec.uses_teacher:
+            t_h = t_hidden.reshape(-1, t_hidden.shape[-1]).index_select(0, valid).to(t_weight.dtype)
+            t_w = t_weight[: shards.kept]
+        seq_ids = valid // seq_len
+
+        want_grad_h, want_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(s_h) if want_grad_h else None
+        grad_w = torch.zeros_like(s_weight) if want_grad_w else None
+        sums = torch.zeros(len(_STATS), dtype=_math_dtype(s_weight), device=s_hidden.device)
+
+        chunks, long_seqs = _plan_chunks(seq_ids, batch, spec)
+        seq_mean_alpha = sums.new_full((batch,), float("nan"))
+        if long_seqs:
+            _teacher_prepass(t_h, t_w, seq_ids, long_seqs, seq_mean_alpha, spec, shards)
+
+        for start, end in chunks:
+            terms, grad_logits = _chunk(
+                s_h[start:end], s_w, None if t_h is None else t_h[start:end], t_w,
+                targets[start:end], seq_ids[start:end], seq_mean_alpha, spec, shards,
+                want_grad=want_grad_h or want_grad_w,
+            )
+            sums[: terms.shape[1]] += terms.sum(0)
+            if grad_logits is None:
+                continue
+            grad_logits = grad_logits.to(s_w.dtype)
+            if want_grad_h:
+                grad_h[start:end] = shards.sum_(grad_logits @ s_w)
+            if want_grad_w:
+                grad_w[: shards.kept].addmm_(grad_logits.T, s_h[start:end])
+
+        scale = 1.0 / max(valid.numel(), 1)
+        stats = sums * scale
+        if not spec.uses_teacher:
+            stats[1:] = float("nan")
+        elif spec.k is None:
+            stats[3:] = float("nan")
+        if spec.divergence == "none":
+            stats[1] = 0.0
+        loss = stats[0] * spec.ce_weight + stats[1]
+        if want_grad_h:
+            full = torch.zeros(batch * seq_len, s_h.shape[-1], dtype=s_hidden.dtype, device=s_h.device)
+            ctx.grad_h = full.index_copy_(0, valid, grad_h.mul_(scale).to(full.dtype)).view_as(s_hidden)
+        if want_grad_w:
+            ctx.grad_w = grad_w.mul_(scale)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        def scaled(grad):
+            return grad if grad is None or bool(grad_loss == 1) else grad * grad_loss
+
+        grad_h = scaled(getattr(ctx, "grad_h", None))
+        grad_w = scaled(getattr(ctx, "grad_w", None))
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _plan_chunks(seq_ids: Tensor, batch: int, spec: _Spec) -> tuple[list[tuple[int, int]], list[int]]:
+    """Token ranges [start, end) over the valid tokens, and the sequences needing a pre-pass.
+
+    Without sequence-level normalisation, plain ranges of chunk_size tokens. With it, each chunk
+    holds whole sequences; a sequence longer than chunk_size is split and listed as long.
+    """
+    n, size = seq_ids.numel(), spec.chunk_size
+    if not spec.whole_sequences:
+        return [(s, min(s + size, n)) for s in range(0, n, size)], []
+    chunks, long_seqs = [], []
+    pos = chunk_start = 0
+    for seq, count in enumerate(torch.bincount(seq_ids, minlength=batch).tolist()):
+        if count > size:
+            if pos > chunk_start:
+                chunks.append((chunk_start, pos))
+            chunks += [(s, min(s + size, pos + count)) for s in range(pos, pos + count, size)]
+            long_seqs.append(seq)
+            chunk_start = pos + count
+        elif pos + count - chunk_start > size:
+            chunks.append((chunk_start, pos))
+            chunk_start = pos
+        pos += count
+    if pos > chunk_start:
+        chunks.append((chunk_start, pos))
+    return chunks, long_seqs
+
+
+def _math_dtype(weight: Tensor) -> torch.dtype:
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _logits(hidden: Tensor, weight: Tensor) -> Tensor:
+    """hidden @ weight.T in the weight's dtype, returned in the math dtype (float32 at least)."""
+    return (hidden @ weight.T).to(_math_dtype(weight))
+
+
+def _teacher_logit_stats(t_logits: Tensor, k: int | None, shards: VocabShards):
+    """(log Z_T [c], top-K mask [c, V_r] or None, log of the teacher's tail normaliser [c])."""
+    lse = shards.logsumexp(t_logits.logsumexp(-1, keepdim=True)).squeeze(-1)
+    if k is None:
+        return lse, None, lse
+    top = t_logits >= shards.kth_largest(t_logits, k).unsqueeze(-1)
+    tail_lse = shards.logsumexp(_masked_logsumexp(t_logits, top)).squeeze(-1)
+    return lse, top, tail_lse
+
+
+def _masked_logsumexp(x: Tensor, exclude: Tensor) -> Tensor:
+    """logsumexp over the entries not excluded, [c, 1] (-inf where none is left)."""
+    return x.masked_fill(exclude, float("-inf")).logsumexp(-1, keepdim=True)
+
+
+def _teacher_prepass(t_h, t_w, seq_ids, long_seqs, seq_mean_alpha, spec: _Spec, shards) -> None:
+    """Fill seq_mean_alpha[s] = mean teacher tail mass over long sequence s (teacher only)."""
+    long_ids = torch.tensor(long_seqs, device=seq_ids.device)
+    index = torch.isin(seq_ids, long_ids).nonzero().squeeze(1)
+    sums = torch.zeros_like(seq_mean_alpha)
+    for start in range(0, index.numel(), spec.chunk_size):
+        rows = index[start : start + spec.chunk_size]
+        lse, _, tail_lse = _teacher_logit_stats(_logits(t_h[rows], t_w), spec.k, shards)
+        sums.index_add_(0, seq_ids[rows], (tail_lse - lse).exp())
+    counts = torch.bincount(seq_ids[index], minlength=seq_mean_alpha.numel()).to(sums.dtype)
+    seq_mean_alpha[long_ids] = sums[long_ids] / counts[long_ids]
+
+
+def _sequence_mean_alpha(alpha_t, seq_ids, seq_mean_alpha) -> Tensor:
+    """Per-token mean teacher tail mass of its sequence: from the pre-pass, else from this chunk."""
+    sums = torch.zeros_like(seq_mean_alpha).index_add_(0, seq_ids, alpha_t)
+    counts = torch.bincount(seq_ids, minlength=seq_mean_alpha.numel()).to(sums.dtype)
+    in_chunk = sums / counts.clamp_min(1)
+    return torch.where(seq_mean_alpha.isnan(), in_chunk, seq_mean_alpha)[seq_ids]
+
+
+def _chunk(s_h, s_w, t_h, t_w, targets, seq_ids, seq_mean_alpha, spec: _Spec, shards, want_grad):
+    """Loss terms [c, len(_STATS)] and gradient w.r.t. the local student logits [c, V_r] (or None)."""
+    s_logits = _logits(s_h, s_w)
+    local_y, owned = shards.local_labels(targets)
+    label_logit = shards.sum_(s_logits.gather(1, local_y.unsqueeze(1)).squeeze(1) * owned)
+    s_lse = shards.logsumexp(s_logits.logsumexp(-1, keepdim=True)).squeeze(-1)
+    ce = s_lse - label_logit
+
+    if not spec.uses_teacher:  # CE only: gradient ce_weight * (q - onehot(y))
+        terms = ce.unsqueeze(1)
+        grad = s_logits.sub_(s_lse.unsqueeze(-1)).exp_().mul_(spec.ce_weight) if want_grad else None
+        return terms, _subtract_label(grad, local_y, owned, spec.ce_weight)
+
+    t_logits = _logits(t_h, t_w)
+    t_lse, top, t_tail_lse = _teacher_logit_stats(t_logits, spec.k, shards)
+    if top is None:
+        s_tail_lse = s_lse
+    else:
+        s_tail_lse = shards.logsumexp(_masked_logsumexp(s_logits, top)).squeeze(-1)
+    log_alpha_t, log_alpha_s = t_tail_lse - t_lse, s_tail_lse - s_lse
+    alpha_t, alpha_s = log_alpha_t.exp(), log_alpha_s.exp()
+    has_tail = torch.isfinite(t_tail_lse)
+
+    if spec.divergence == "reverse_kl":
+        return _reverse_kl_chunk(s_logits, t_logits, s_lse, t_lse, ce, alpha_t, alpha_s, local_y,
+                                 owned, spec, shards, want_grad)
+
+    # log r and log r^s in place: subtract each region's normaliser (log Z, or the tail's).
+    _normalise_by_region(t_logits, top, t_lse, t_tail_lse)
+    _normalise_by_region(s_logits, top, s_lse, s_tail_lse)
+    r = t_logits.exp()
+    pointwise = t_logits.sub_(s_logits).mul_(r)  # r log(r / r^s), in the teacher buffer
+    total = pointwise.sum(-1)
+    d2 = total if top is None else pointwise.masked_fill_(top, 0.0).sum(-1)
+    d1_top = total - d2
+    top_part, d2 = shards.sum_(torch.stack([d1_top, d2], dim=1)).unbind(1)
+    bucket = torch.where(has_tail, alpha_t * (log_alpha_t - log_alpha_s), 0.0)
+    d1 = top_part + bucket  # without a top-K everything is "tail": alpha = 1, D1 = 0, D2 = KL
+    kl = d1 + alpha_t * d2
+
+    if spec.divergence == "tad":
+        omega = spec.beta * alpha_t
+        if spec.normalize:
+            mean = _sequence_mean_alpha(alpha_t, seq_ids, seq_mean_alpha)
+            omega = omega / mean.clamp_min(torch.finfo(mean.dtype).tiny)
+    elif spec.divergence == "forward_kl":
+        omega = alpha_t
+    else:  # "none": teacher used for diagnostics only
+        omega = torch.zeros_like(alpha_t)
+    divergence = d1 + omega * d2
+    terms = torch.stack([ce, divergence, kl, alpha_t, alpha_s], dim=1)
+    if not want_grad:
+        return terms, None
+
+    kd = 0.0 if spec.divergence == "none" else 1.0
+    r_s = s_logits.exp_()
+    coef_s = ((kd + spec.ce_weight) * alpha_s - kd * alpha_t + omega).unsqueeze(-1)
+    coef_r = omega.unsqueeze(-1)
+    if top is None:
+        r_s.mul_(coef_s)
+        r.mul_(coef_r)
+    else:  # one [c, V] buffer holds the per-element coefficient of r^s, then that of r
+        coef = coef_s.expand_as(r_s).masked_fill(top, kd + spec.ce_weight)
+        r_s.mul_(coef)
+        r.mul_(coef.copy_(coef_r.expand_as(coef)).masked_fill_(top, kd))
+    grad = r_s.sub_(r)
+    return terms, _subtract_label(grad, local_y, owned, spec.ce_weight)
+
+
+def _normalise_by_region(logits: Tensor, top: Tensor | None, lse: Tensor, tail_lse: Tensor) -> None:
+    """In place: logits - log Z on T_K, logits - log Z_tail on the tail (log p / log p~)."""
+    if top is None:
+        logits.sub_(lse.unsqueeze(-1))
+    else:
+        logits.sub_(torch.where(top, lse.unsqueeze(-1), tail_lse.unsqueeze(-1)))
+
+
+def _reverse_kl_chunk(s_logits, t_logits, s_lse, t_lse, ce, alpha_t, alpha_s, local_y, owned,
+                      spec: _Spec, shards, want_grad):
+    """KL(q || p) terms and gradient q_j (log q_j - log p_j - KL(q||p)) + ce_weight (q - onehot)."""
+    log_q = s_logits.sub_(s_lse.unsqueeze(-1))
+    log_p = t_logits.sub_(t_lse.unsqueeze(-1))
+    q = log_q.exp()
+    p = log_p.exp()
+    log_ratio = log_q.sub_(log_p)  # log q - log p, in the student buffer
+    rkl, fkl = shards.sum_(torch.stack([(q * log_ratio).sum(-1), -(p * log_ratio).sum(-1)], 1)).unbind(1)
+    terms = torch.stack([ce, rkl, fkl, alpha_t, alpha_s], dim=1)
+    if not want_grad:
+        return terms, None
+    grad = log_ratio.sub_(rkl.unsqueeze(-1) - spec.ce_weight).mul_(q)
+    return terms, _subtract_label(grad, local_y, owned, spec.ce_weight)
+
+
+def _subtract_label(grad: Tensor | None, local_y: Tensor, owned: Tensor, ce_weight: float):
+    """grad[i, y_i] -= ce_weight on the rank that owns y_i (the one-hot part of the CE gradient)."""
+    if grad is not None and ce_weight:
+        grad.scatter_add_(1, local_y.unsqueeze(1), (-ce_weight * owned.to(grad.dtype)).unsqueeze(1))
+    return grad

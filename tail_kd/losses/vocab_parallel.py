@@ -1,0 +1,87 @@
+"""Per-token reductions over a vocabulary that may be split across ranks.
+
+In vocab-parallel mode each rank of a process group holds a contiguous slice of the lm_head rows
+(rank order = vocabulary order) and therefore a slice [c, V_r] of every logit row. A softmax-based
+loss then needs, per token, only a handful of numbers combined over ranks (as in Megatron-LM's
+vocab-parallel cross-entropy):
+
+    logsumexp_V x   = logsumexp_r ( logsumexp_{V_r} x )             (all-gather c numbers per rank)
+    K-th largest x  = K-th largest of the union of every rank's local top-K
+    sum_V f(x)      = sum_r sum_{V_r} f(x)                           (all-reduce)
+
+`VocabShards` does these for a group, and the same arithmetic with no communication when the
+group is None (the whole vocabulary on one process), so the loss has one code path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["VocabShards"]
+
+
+class VocabShards:
+    """Where this rank's vocabulary rows sit, and per-token reductions across the group.
+
+    Args:
+        local_rows: number of lm_head rows this rank holds (padding rows included).
+        vocab_size: global number of real tokens; rows with global index >= vocab_size are padding
+            and are dropped from every softmax. None: every row is a real token.
+        group: the vocab-parallel process group, or None for a single process.
+    """
+
+    def __init__(self, local_rows: int, vocab_size: int | None, group: dist.ProcessGroup | None):
+        self.group = group
+        sizes = self._all_gather_ints(local_rows)
+        self.rank = 0 if group is None else dist.get_rank(group)
+        self.offset = sum(sizes[: self.rank])
+        total = sum(sizes)
+        self.vocab_size = total if vocab_size is None else vocab_size
+        if self.vocab_size > total:
+            raise ValueError(f"vocab_size={vocab_size} exceeds the {total} lm_head rows passed")
+        # Rows [0, kept) of the local shard are real tokens.
+        self.kept = max(0, min(local_rows, self.vocab_size - self.offset))
+
+    def _all_gather_ints(self, value: int) -> list[int]:
+        if self.group is None:
+            return [value]
+        t = torch.tensor([value], dtype=torch.int64)
+        out = [torch.zeros_like(t) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(out, t, group=self.group)
+        return [int(x) for x in out]
+
+    def _all_gather(self, x: Tensor) -> Tensor:
+        """[c, n] on every rank -> [world, c, n]."""
+        if self.group is None:
+            return x.unsqueeze(0)
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(out, x.contiguous(), group=self.group)
+        return torch.stack(out)
+
+    def logsumexp(self, local_lse: Tensor) -> Tensor:
+        """Combine per-rank log-sum-exps [c, n] into the global ones [c, n]."""
+        return self._all_gather(local_lse).logsumexp(0)
+
+    def sum_(self, x: Tensor) -> Tensor:
+        """Sum per-rank partial sums across the group, in place."""
+        if self.group is not None:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def kth_largest(self, local_logits: Tensor, k: int) -> Tensor:
+        """The K-th largest value of each row over the whole vocabulary [c] (-inf if K > V)."""
+        c, n = local_logits.shape
+        local_top = local_logits.topk(min(k, n), dim=-1).values
+        if local_top.shape[-1] < k:  # fewer than K local rows: pad with -inf
+            pad = local_top.new_full((c, k - local_top.shape[-1]), float("-inf"))
+            local_top = torch.cat([local_top, pad], dim=-1)
+        candidates = self._all_gather(local_top).permute(1, 0, 2).reshape(c, -1)
+        return candidates.topk(k, dim=-1).values[:, -1]
+
+    def local_labels(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Global label ids [c] -> (index into the local shard, whether this rank owns the label)."""
+        local = labels - self.offset
+        owned = (local >= 0) & (local < self.kept)
+        return local.clamp(0, max(self.kept - 1, 0)), owned
