@@ -1,0 +1,203 @@
+"""Students derived from their teacher, as in the TAD paper.
+
+A derived student has the teacher's architecture with fewer layers and/or a narrower residual
+stream, and starts from the teacher's weights where they fit:
+
+- layers: student layer i copies teacher layer `teacher_layer_indices(...)[i]`; the kept layers are
+  evenly spaced and always include the first and the last teacher layer;
+- attention (q/k/v/o weights and biases, per-head norms) and the layer norms: the leading slice of
+  the teacher's tensor (first `hidden_size` input/output features, first heads). The head size
+  stays the teacher's, so narrowing keeps whole heads: the first `num_attention_heads` query heads
+  and the first `num_key_value_heads` key/value heads;
+- token embedding, final norm and an untied lm_head: the first `hidden_size` features;
+- MLPs: random (the student's own initialisation);
+- lm_head is tied to the embedding exactly when the teacher's is.
+
+This works for the Llama family (Llama, Mistral, Qwen2 with its q/k/v biases, Qwen3, SmolLM), whose
+parameter names are `model.embed_tokens`, `model.layers.<i>.{self_attn,mlp,*_layernorm}`,
+`model.norm` and `lm_head`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+_LAYER_PREFIX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def derive_student_config(
+    teacher_config: PretrainedConfig,
+    *,
+    num_layers: int,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    num_attention_heads: int | None = None,
+    num_key_value_heads: int | None = None,
+) -> PretrainedConfig:
+    """The config of a student with the teacher's architecture and the given (smaller) dimensions.
+
+    The student keeps the teacher's head size, so `hidden_size` = `num_attention_heads` x head size:
+    give either (or both, consistently); None keeps the teacher's width. `num_key_value_heads`
+    defaults to keeping the teacher's query heads per key/value head. `intermediate_size` defaults
+    to the teacher's, scaled by the width ratio; it may exceed the teacher's, since MLPs start
+    random. Errors name the offending field.
+    """
+    t = teacher_config
+    head_dim = _head_dim(t)
+    hidden_size, num_heads = _student_width(t, head_dim, hidden_size, num_attention_heads)
+    num_kv_heads = _student_kv_heads(t, num_heads, num_key_value_heads)
+    if not 1 <= num_layers <= t.num_hidden_layers:
+        raise ValueError(
+            f"student num_layers={num_layers} must be between 1 and the teacher's "
+            f"num_hidden_layers={t.num_hidden_layers}"
+        )
+    if intermediate_size is None:
+        intermediate_size = t.intermediate_size * hidden_size // t.hidden_size
+    if intermediate_size < 1:
+        raise ValueError(f"student intermediate_size={intermediate_size} must be positive")
+
+    fields = t.to_dict()
+    fields.pop("quantization_config", None)
+    fields.update(
+        num_hidden_layers=num_layers,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+    )
+    if "head_dim" in fields:
+        fields["head_dim"] = head_dim
+    if fields.get("layer_types") is not None:  # per-layer attention kinds (e.g. sliding window)
+        layers = teacher_layer_indices(t.num_hidden_layers, num_layers)
+        fields["layer_types"] = [t.layer_types[i] for i in layers]
+    return type(t).from_dict(fields)
+
+
+def teacher_layer_indices(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers for the student, first and last included (one layer: the first).
+
+    Example: 30 teacher layers, 6 student layers -> [0, 6, 12, 17, 23, 29].
+    """
+    if student_layers == 1:
+        return [0]
+    step = (teacher_layers - 1) / (student_layers - 1)
+    return [int(i * step + 0.5) for i in range(student_layers)]
+
+
+@torch.no_grad()
+def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
+    """Copy the teacher's weights into the student where they fit (module docstring); MLPs untouched.
+
+    Every non-MLP student parameter receives the leading slice of its teacher counterpart; a
+    parameter without one, or larger than it, raises ValueError naming it.
+    """
+    layers = teacher_layer_indices(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+    teacher_params = dict(teacher.named_parameters())
+    for name, param in student.named_parameters():
+        if ".mlp." in name:
+            continue
+        source_name = _teacher_name(name, layers)
+        source = teacher_params.get(source_name)
+        if source is None:
+            raise ValueError(f"student parameter {name} has no teacher counterpart {source_name}")
+        if param.dim() != source.dim() or any(s > t for s, t in zip(param.shape, source.shape)):
+            raise ValueError(
+                f"student parameter {name} {tuple(param.shape)} does not fit in teacher "
+                f"{source_name} {tuple(source.shape)}"
+            )
+        param.copy_(source[tuple(slice(0, n) for n in param.shape)])
+
+
+def build_derived_student(
+    teacher: PreTrainedModel,
+    *,
+    num_layers: int,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    num_attention_heads: int | None = None,
+    num_key_value_heads: int | None = None,
+) -> PreTrainedModel:
+    """A student derived from `teacher` (see `derive_student_config`), in the teacher's dtype.
+
+    The random MLP weights come from torch's global generator: seed it first for reproducibility.
+    """
+    config = derive_student_config(
+        teacher.config,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+    )
+    student = AutoModelForCausalLM.from_config(config, dtype=teacher.dtype)
+    init_from_teacher(student, teacher)
+    return student
+
+
+def _head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _student_width(
+    t: PretrainedConfig, head_dim: int, hidden_size: int | None, num_heads: int | None
+) -> tuple[int, int]:
+    """(hidden_size, num_attention_heads) of the student, checked against the teacher's."""
+    if hidden_size is None and num_heads is None:
+        hidden_size, num_heads = t.hidden_size, t.num_attention_heads
+    elif num_heads is None:
+        if hidden_size % head_dim != 0:
+            raise ValueError(
+                f"student hidden_size={hidden_size} must be a multiple of the teacher's head size "
+                f"{head_dim} (the student keeps whole teacher heads)"
+            )
+        num_heads = hidden_size // head_dim
+    elif hidden_size is None:
+        hidden_size = num_heads * head_dim
+    if hidden_size != num_heads * head_dim:
+        raise ValueError(
+            f"student hidden_size={hidden_size} must equal num_attention_heads={num_heads} x the "
+            f"teacher's head size {head_dim}; leave one of them unset to derive it"
+        )
+    if hidden_size > t.hidden_size:
+        raise ValueError(
+            f"student hidden_size={hidden_size} is larger than the teacher's {t.hidden_size}"
+        )
+    if not 1 <= num_heads <= t.num_attention_heads:
+        raise ValueError(
+            f"student num_attention_heads={num_heads} must be between 1 and the teacher's "
+            f"{t.num_attention_heads}"
+        )
+    return hidden_size, num_heads
+
+
+def _student_kv_heads(t: PretrainedConfig, num_heads: int, num_kv_heads: int | None) -> int:
+    """num_key_value_heads of the student: given, or keeping the teacher's heads per kv head."""
+    teacher_kv = getattr(t, "num_key_value_heads", None) or t.num_attention_heads
+    if num_kv_heads is None:
+        group = t.num_attention_heads // teacher_kv
+        if num_heads % group != 0:
+            raise ValueError(
+                f"student num_attention_heads={num_heads} is not a multiple of the teacher's "
+                f"{group} query heads per key/value head: set num_key_value_heads explicitly"
+            )
+        num_kv_heads = num_heads // group
+    if not 1 <= num_kv_heads <= teacher_kv:
+        raise ValueError(
+            f"student num_key_value_heads={num_kv_heads} must be between 1 and the teacher's {teacher_kv}"
+        )
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"student num_key_value_heads={num_kv_heads} must divide num_attention_heads={num_heads}"
+        )
+    return num_kv_heads
+
+
+def _teacher_name(student_name: str, layers: list[int]) -> str:
+    """The teacher parameter a student parameter copies from: same name, mapped layer index."""
+    match = _LAYER_PREFIX.match(student_name)
+    if match is None:
+        return student_name
+    return f"model.layers.{layers[int(match.group(1))]}." + student_name[match.end():]
