@@ -96,29 +96,28 @@ def tad_divergence(
     log_p = teacher_logits.to(dtype).log_softmax(-1)
     log_q = student_logits.to(dtype).log_softmax(-1)
     top = teacher_top_k_mask(teacher_logits, k)
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=log_p.device)
+    has_tail = ~top.all(-1)
 
-    # Tail masses in log space: log alpha = logsumexp over the tail of log p (resp. log q).
-    log_alpha_t = torch.where(top, neg_inf, log_p).logsumexp(-1)
-    log_alpha_s = torch.where(top, neg_inf, log_q).logsumexp(-1)
-    alpha_t = log_alpha_t.exp()
-    has_tail = torch.isfinite(log_alpha_t)
-    # Where the tail is empty, use 0 in place of the logs so no NaN appears (not even in gradients).
-    safe_log_alpha_t = torch.where(has_tail, log_alpha_t, 0.0)
-    safe_log_alpha_s = torch.where(has_tail, log_alpha_s, 0.0)
+    # Tail masses in log space: log alpha = logsumexp over the tail of log p (resp. log q). A row
+    # with an empty tail (K >= V, or ties) takes the logsumexp of zeros instead of -inf entries, so
+    # that neither the value nor the gradient turns NaN; alpha_T = 0 there zeroes the tail terms.
+    fill = torch.where(has_tail, float("-inf"), 0.0).to(dtype).unsqueeze(-1)
+    safe_log_alpha_t = torch.where(top, fill, log_p).logsumexp(-1)
+    safe_log_alpha_s = torch.where(top, fill, log_q).logsumexp(-1)
+    alpha_t = torch.where(has_tail, safe_log_alpha_t.exp(), 0.0)
 
     # D1: the K top tokens one by one, plus the tail bucket.
     p = log_p.exp()
     d1_top = torch.where(top, p * (log_p - log_q), 0.0).sum(-1)
     d1_bucket = alpha_t * (safe_log_alpha_t - safe_log_alpha_s)
-    d1 = d1_top + d1_bucket
 
-    # D2: KL between the renormalised tails.
-    log_p_tilde = log_p - safe_log_alpha_t.unsqueeze(-1)
-    log_q_tilde = log_q - safe_log_alpha_s.unsqueeze(-1)
-    d2 = torch.where(top, 0.0, log_p_tilde.exp() * (log_p_tilde - log_q_tilde)).sum(-1)
+    # D2: KL between the renormalised tails. T_K entries are set to log 1 - log 1 = 0 before the
+    # exp (not after), so that a huge p_i / alpha_T on T_K cannot overflow into the gradient.
+    log_p_tilde = torch.where(top, 0.0, log_p - safe_log_alpha_t.unsqueeze(-1))
+    log_q_tilde = torch.where(top, 0.0, log_q - safe_log_alpha_s.unsqueeze(-1))
+    d2 = (log_p_tilde.exp() * (log_p_tilde - log_q_tilde)).sum(-1)
 
-    divergence = d1 + tail_weight(alpha_t, mask, beta, normalize) * d2
+    divergence = d1_top + d1_bucket + tail_weight(alpha_t, mask, beta, normalize) * d2
     return torch.where(mask, divergence, 0.0)
 
 

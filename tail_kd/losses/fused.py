@@ -332,7 +332,7 @@ def _chunk(s_h, s_w, t_h, t_w, targets, seq_ids, seq_mean_alpha, spec: _Spec, sh
     """Loss terms [c, len(_STATS)] and gradient w.r.t. the local student logits [c, V_r] (or None)."""
     s_logits = _logits(s_h, s_w)
     local_y, owned = shards.local_labels(targets)
-    label_logit = shards.sum_(s_logits.gather(1, local_y.unsqueeze(1)).squeeze(1) * owned)
+    label_logit = shards.sum_(_pick(s_logits, local_y, owned))
     s_lse = shards.logsumexp(s_logits.logsumexp(-1, keepdim=True)).squeeze(-1)
     ce = s_lse - label_logit
 
@@ -421,8 +421,15 @@ def _reverse_kl_chunk(s_logits, t_logits, s_lse, t_lse, ce, alpha_t, alpha_s, lo
     return terms, _subtract_label(grad, local_y, owned, spec.ce_weight)
 
 
+def _pick(logits: Tensor, local_y: Tensor, owned: Tensor) -> Tensor:
+    """logits[i, y_i] where this rank owns y_i, else 0 [c] (a shard of padding rows owns none)."""
+    if logits.shape[1] == 0:
+        return logits.new_zeros(logits.shape[0])
+    return logits.gather(1, local_y.unsqueeze(1)).squeeze(1) * owned
+
+
 def _subtract_label(grad: Tensor | None, local_y: Tensor, owned: Tensor, ce_weight: float):
     """grad[i, y_i] -= ce_weight on the rank that owns y_i (the one-hot part of the CE gradient)."""
-    if grad is not None and ce_weight:
+    if grad is not None and grad.shape[1] and ce_weight:
         grad.scatter_add_(1, local_y.unsqueeze(1), (-ce_weight * owned.to(grad.dtype)).unsqueeze(1))
     return grad

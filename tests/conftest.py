@@ -1,0 +1,6 @@
+"""Shared test set-up: tests import helpers from sibling test modules."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
