@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def build_once(target: str | Path, build: Callable[[Path], None]) -> Path:
-    """Return `target`, first running `build(tmp_dir)` and publishing `tmp_dir` as `target` if absent.
+    """Return `target`, first building it with `build(tmp_dir)` and publishing it if it is absent.
 
     `build` receives a fresh, empty folder beside `target` and must fill it; when it returns, the
     folder is renamed to `target`. If `build` raises, the partial folder is removed and the error
@@ -46,7 +46,7 @@ def build_once(target: str | Path, build: Callable[[Path], None]) -> Path:
 
 @contextlib.contextmanager
 def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive `flock` on `lock_path` (created if needed) for the duration of the block."""
+    """Hold an exclusive `flock` on `lock_path` (created if needed) while the block runs."""
     with open(lock_path, "a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:

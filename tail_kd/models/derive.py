@@ -89,12 +89,14 @@ def teacher_layer_indices(teacher_layers: int, student_layers: int) -> list[int]
 
 @torch.no_grad()
 def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
-    """Copy the teacher's weights into the student where they fit (module docstring); MLPs untouched.
+    """Copy the teacher's weights into the student where they fit (see the module docstring).
 
     Every non-MLP student parameter receives the leading slice of its teacher counterpart; a
     parameter without one, or larger than it, raises ValueError naming it.
     """
-    layers = teacher_layer_indices(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+    layers = teacher_layer_indices(
+        teacher.config.num_hidden_layers, student.config.num_hidden_layers
+    )
     teacher_params = dict(teacher.named_parameters())
     for name, param in student.named_parameters():
         if ".mlp." in name:
@@ -103,7 +105,9 @@ def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel) -> Non
         source = teacher_params.get(source_name)
         if source is None:
             raise ValueError(f"student parameter {name} has no teacher counterpart {source_name}")
-        if param.dim() != source.dim() or any(s > t for s, t in zip(param.shape, source.shape)):
+        if param.dim() != source.dim() or any(
+            s > t for s, t in zip(param.shape, source.shape, strict=True)
+        ):
             raise ValueError(
                 f"student parameter {name} {tuple(param.shape)} does not fit in teacher "
                 f"{source_name} {tuple(source.shape)}"
@@ -145,9 +149,18 @@ def _student_width(
     t: PretrainedConfig, head_dim: int, hidden_size: int | None, num_heads: int | None
 ) -> tuple[int, int]:
     """(hidden_size, num_attention_heads) of the student, checked against the teacher's."""
+    if hidden_size is not None and not 1 <= hidden_size <= t.hidden_size:
+        raise ValueError(
+            f"student hidden_size={hidden_size} must be between 1 and the teacher's {t.hidden_size}"
+        )
+    if num_heads is not None and not 1 <= num_heads <= t.num_attention_heads:
+        raise ValueError(
+            f"student num_attention_heads={num_heads} must be between 1 and the teacher's "
+            f"{t.num_attention_heads}"
+        )
     if hidden_size is None and num_heads is None:
-        hidden_size, num_heads = t.hidden_size, t.num_attention_heads
-    elif num_heads is None:
+        return t.hidden_size, t.num_attention_heads
+    if num_heads is None:
         if hidden_size % head_dim != 0:
             raise ValueError(
                 f"student hidden_size={hidden_size} must be a multiple of the teacher's head size "
@@ -160,15 +173,6 @@ def _student_width(
         raise ValueError(
             f"student hidden_size={hidden_size} must equal num_attention_heads={num_heads} x the "
             f"teacher's head size {head_dim}; leave one of them unset to derive it"
-        )
-    if hidden_size > t.hidden_size:
-        raise ValueError(
-            f"student hidden_size={hidden_size} is larger than the teacher's {t.hidden_size}"
-        )
-    if not 1 <= num_heads <= t.num_attention_heads:
-        raise ValueError(
-            f"student num_attention_heads={num_heads} must be between 1 and the teacher's "
-            f"{t.num_attention_heads}"
         )
     return hidden_size, num_heads
 
@@ -186,11 +190,13 @@ def _student_kv_heads(t: PretrainedConfig, num_heads: int, num_kv_heads: int | N
         num_kv_heads = num_heads // group
     if not 1 <= num_kv_heads <= teacher_kv:
         raise ValueError(
-            f"student num_key_value_heads={num_kv_heads} must be between 1 and the teacher's {teacher_kv}"
+            f"student num_key_value_heads={num_kv_heads} must be between 1 and the teacher's "
+            f"{teacher_kv}"
         )
     if num_heads % num_kv_heads != 0:
         raise ValueError(
-            f"student num_key_value_heads={num_kv_heads} must divide num_attention_heads={num_heads}"
+            f"student num_key_value_heads={num_kv_heads} must divide "
+            f"num_attention_heads={num_heads}"
         )
     return num_kv_heads
 
@@ -200,4 +206,4 @@ def _teacher_name(student_name: str, layers: list[int]) -> str:
     match = _LAYER_PREFIX.match(student_name)
     if match is None:
         return student_name
-    return f"model.layers.{layers[int(match.group(1))]}." + student_name[match.end():]
+    return f"model.layers.{layers[int(match.group(1))]}." + student_name[match.end() :]

@@ -17,7 +17,12 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from tail_kd.models.cache import build_once
 
@@ -83,7 +88,9 @@ def _find_gguf(path: str, gguf_file: str | None) -> Path | None:
                 raise FileNotFoundError(f"gguf_file {gguf_file!r} not found in {local}")
             return candidate
         if _looks_like_path(path):
-            raise FileNotFoundError(f"folder {path} (holding gguf_file {gguf_file!r}) does not exist")
+            raise FileNotFoundError(
+                f"folder {path} (holding gguf_file {gguf_file!r}) does not exist"
+            )
         from huggingface_hub import hf_hub_download
 
         return Path(hf_hub_download(repo_id=path, filename=gguf_file))
@@ -95,6 +102,7 @@ def _find_gguf(path: str, gguf_file: str | None) -> Path | None:
 
 
 def _looks_like_path(path: str) -> bool:
+    """True for references that cannot be hub ids, so that a missing one is a missing file."""
     return path.endswith(".gguf") or _HUB_ID.match(path) is None
 
 

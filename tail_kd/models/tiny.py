@@ -104,7 +104,7 @@ def train_tokenizer(corpus_path: Path, out_dir: Path, vocab_size: int) -> PreTra
 
 
 def save_random_teacher(tokenizer: PreTrainedTokenizerBase, out_dir: Path, seed: int) -> None:
-    """Save a randomly initialised `TEACHER_DIMS` Llama for `tokenizer`, and the tokenizer, to `out_dir`."""
+    """Save a random `TEACHER_DIMS` Llama sized for `tokenizer`, and the tokenizer, to `out_dir`."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,

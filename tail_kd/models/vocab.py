@@ -35,7 +35,8 @@ def check_vocabularies(
     if student_size > teacher_size:
         raise VocabularyMismatchError(
             f"the student tokenizer has {student_size} tokens, more than the teacher's "
-            f"{teacher_size}: the student's vocabulary must equal the teacher's or be a prefix of it"
+            f"{teacher_size}: the student's vocabulary must equal the teacher's or be a prefix "
+            f"of it"
         )
     teacher_tokens = _tokens_by_id(teacher_tokenizer)
     student_tokens = _tokens_by_id(student_tokenizer)
