@@ -1,0 +1,548 @@
+"""Recipes: a YAML file -> typed, validated dataclasses.
+
+A recipe is one YAML file with the sections below; every field has a default except `teacher.path`
+and `data.source`. `load_recipe` reads the file, applies `--set section.field=value` overrides
+(values are parsed as YAML, so `--set train.lr=3e-4` and `--set train.betas=[0.9,0.99]` work) and
+checks everything before a process group or a model exists:
+
+- unknown keys (with a "did you mean" suggestion), wrong types, values outside their range or
+  outside their set of choices: `RecipeError("recipe.yaml: loss.k: expected a positive integer,
+  got -1")`;
+- relations between fields (a student `init` that needs a `path`, a batch size split that cannot
+  work); the split over ranks is re-checked at launch by `Recipe.check_world_size`.
+
+Per-field rules live next to the field (its type, and a `_Range` in the field's metadata);
+rules that relate several fields live in the section's `__post_init__`.
+
+Paths in a recipe are relative to the working directory of the run, not to the recipe file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "RecipeError",
+    "Recipe",
+    "TeacherConfig",
+    "StudentConfig",
+    "DataConfig",
+    "LossConfig",
+    "TrainConfig",
+    "LogConfig",
+    "EvalConfig",
+    "CheckpointConfig",
+    "GENERATED_SOURCES",
+    "load_recipe",
+    "apply_overrides",
+]
+
+# Data sources produced by a generator instead of read from files (see tail_kd/data/sources.py).
+GENERATED_SOURCES = ("gsm_symbolic",)
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file, the field and what would fix it."""
+
+
+class _FieldError(RecipeError):
+    """A problem with one field; sections prefix their name while the error travels up."""
+
+    def __init__(self, field_path: str, problem: str):
+        super().__init__(f"{field_path}: {problem}")
+        self.field_path = field_path
+        self.problem = problem
+
+    def within(self, section: str) -> _FieldError:
+        return _FieldError(f"{section}.{self.field_path}", self.problem)
+
+
+@dataclass(frozen=True)
+class _Range:
+    """An allowed numeric interval; `describe` words it for error messages."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: `low` itself is not allowed
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self, noun: str) -> str:
+        article = "an" if noun[0] in "aeiou" else "a"
+        if self.low == 0 and self.high is None:
+            return f"a {'positive' if self.low_open else 'non-negative'} {noun}"
+        if self.high is None:
+            return f"{article} {noun} {'>' if self.low_open else '>='} {self.low}"
+        return f"{article} {noun} in {'(' if self.low_open else '['}{self.low}, {self.high}]"
+
+
+POSITIVE = _Range(0, low_open=True)
+NON_NEGATIVE = _Range(0)
+FRACTION = _Range(0, 1)
+
+
+def _field(default: Any, allowed: _Range | None = None) -> Any:
+    """A dataclass field with a default and, optionally, the range its value must lie in."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"range": allowed})
+    return field(default=default, metadata={"range": allowed})
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen model whose distributions the student learns."""
+
+    path: str  # local HF folder, hub id, or a .gguf file
+    gguf_file: str | None = None  # file name inside `path` when path is a folder holding a .gguf
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise _FieldError("path", "must name a model folder, a hub id or a .gguf file")
+
+
+@dataclass
+class StudentConfig:
+    """How the student is made: derived from the teacher, fresh from a config, or pretrained."""
+
+    init: Literal["derived", "config", "pretrained"] = "derived"
+    path: str | None = None  # model folder / hub id for init=config and init=pretrained
+    num_layers: int = _field(6, POSITIVE)  # derived: keep this many teacher layers, evenly spaced
+    hidden_size: int | None = _field(None, POSITIVE)  # derived: null = teacher width
+    intermediate_size: int | None = _field(None, POSITIVE)
+    num_attention_heads: int | None = _field(None, POSITIVE)
+    num_key_value_heads: int | None = _field(None, POSITIVE)
+
+    def __post_init__(self) -> None:
+        if self.init != "derived" and not self.path:
+            raise _FieldError("path", f"required when init is {self.init!r} (a model folder or hub id)")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """What the student reads; see tail_kd/data for the formats."""
+
+    kind: Literal["pretrain", "sft"] = "pretrain"  # packed text | question/answer, loss on answers
+    source: str | list[str]  # files/dirs (txt, jsonl, parquet), a datasets name, or gsm_symbolic
+    text_field: str = "text"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    seq_len: int = _field(256, _Range(2))
+    num_examples: int | None = _field(None, POSITIVE)  # generated sources: how many; else a cap
+    # Held out from the end of the source: packed sequences (pretrain) or records (sft); generated
+    # sources draw them with another seed instead.
+    eval_examples: int = _field(64, NON_NEGATIVE)
+    dataset_config: str | None = None  # datasets-name sources: the configuration (gsm8k: main)
+    dataset_split: str = "train"  # datasets-name sources: the split to read
+    cache_dir: str | None = None  # default: <cache_dir>/data
+
+    def __post_init__(self) -> None:
+        sources = [self.source] if isinstance(self.source, str) else self.source
+        if not sources or not all(sources):
+            raise _FieldError("source", "must name a file, a directory, a datasets name or gsm_symbolic")
+        generated = [s for s in sources if s in GENERATED_SOURCES]
+        if generated and len(sources) > 1:
+            raise _FieldError("source", f"{generated[0]} cannot be combined with other sources")
+        if generated and self.kind != "sft":
+            raise _FieldError("kind", f"{generated[0]} gives question/answer records: set data.kind=sft")
+        if generated and self.num_examples is None:
+            raise _FieldError("num_examples", f"required for the generated source {generated[0]}")
+
+
+@dataclass
+class LossConfig:
+    """The distillation objective (tail_kd/losses): CE * ce_weight + divergence."""
+
+    divergence: Literal["tad", "forward_kl", "reverse_kl", "none"] = "tad"  # none: CE only
+    k: int = _field(10, POSITIVE)  # teacher top-K tokens kept as separate categories
+    beta: float = _field(2.0, NON_NEGATIVE)  # weight of the renormalised tail term
+    normalize: bool = True  # divide beta by the sequence's mean teacher tail mass
+    ce_weight: float = _field(1.0, NON_NEGATIVE)
+    chunk_size: int = _field(1024, POSITIVE)  # tokens per fused-loss chunk
+
+    def __post_init__(self) -> None:
+        if self.divergence == "none" and self.ce_weight == 0:
+            raise _FieldError("ce_weight", "is 0 and divergence is none: nothing would be trained")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: AdamW with linear warm-up and cosine decay."""
+
+    steps: int = _field(100, POSITIVE)
+    global_batch_size: int = _field(8, POSITIVE)  # sequences per optimizer step over all ranks
+    micro_batch_size: int = _field(2, POSITIVE)  # sequences per rank per forward
+    lr: float = _field(1.0e-4, POSITIVE)
+    weight_decay: float = _field(0.1, NON_NEGATIVE)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = _field(10, NON_NEGATIVE)
+    min_lr_ratio: float = _field(0.1, FRACTION)  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = _field(1.0, NON_NEGATIVE)  # max global gradient norm; 0 disables clipping
+    activation_checkpointing: bool = False
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        if not all(0 <= b < 1 for b in self.betas):
+            raise _FieldError("betas", f"expected two numbers in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps > self.steps:
+            raise _FieldError("warmup_steps", f"{self.warmup_steps} exceeds train.steps ({self.steps})")
+        problem = _batch_split_problem(self, world_size=1)
+        if problem:
+            raise _FieldError("global_batch_size", problem)
+
+
+@dataclass
+class LogConfig:
+    every: int = _field(1, POSITIVE)  # optimizer steps between log lines / TensorBoard points
+    tensorboard_dir: str | None = None  # default: <output_dir>/tensorboard
+
+
+@dataclass
+class EvalConfig:
+    every: int = _field(50, NON_NEGATIVE)  # optimizer steps between evaluations; 0 = only at the end
+    max_batches: int = _field(4, POSITIVE)  # micro-batches per rank per evaluation
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _field(50, NON_NEGATIVE)  # optimizer steps between checkpoints; 0 = only at the end
+    keep: int = _field(2, _Range(1))  # newest checkpoints kept on disk
+
+
+@dataclass(kw_only=True)  # keyword-only: required sections can sit in schema order
+class Recipe:
+    """One distillation run. Directories left null are resolved on construction."""
+
+    run_name: str = "tail-kd"  # names the TensorBoard run; output_dir defaults to runs/<run_name>
+    output_dir: str | None = None  # default: runs/<run_name>
+    cache_dir: str | None = None  # shared caches (data, converted models); default <output_dir>/../.cache
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # cpu: DeepSpeed's CPU accelerator and gloo
+    seed: int = _field(0, NON_NEGATIVE)
+    teacher: TeacherConfig
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: dict[str, Any] = _field({})  # extra DeepSpeed config keys, merged over the generated
+
+    def __post_init__(self) -> None:
+        if not self.run_name or os.sep in self.run_name:
+            raise _FieldError("run_name", f"expected a non-empty name without {os.sep!r}, got {self.run_name!r}")
+        if self.output_dir is None:
+            self.output_dir = os.path.join("runs", self.run_name)
+        if self.cache_dir is None:
+            self.cache_dir = os.path.join(os.path.dirname(os.path.normpath(self.output_dir)), ".cache")
+        if self.data.cache_dir is None:
+            self.data.cache_dir = os.path.join(self.cache_dir, "data")
+        if self.log.tensorboard_dir is None:
+            self.log.tensorboard_dir = os.path.join(self.output_dir, "tensorboard")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
+        """Build and validate a recipe from plain data (a parsed YAML file, a saved `to_dict`).
+
+        `origin` (usually the file name) starts every error message.
+        """
+        try:
+            return _build(cls, data, section="")
+        except RecipeError as error:
+            raise RecipeError(f"{origin}: {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (dicts, lists, scalars) that `from_dict` turns back into an equal recipe."""
+        return _plain(dataclasses.asdict(self))
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise RecipeError unless the global batch splits evenly over `world_size` ranks."""
+        if not isinstance(world_size, int) or world_size < 1:
+            raise RecipeError(f"world size must be a positive integer, got {world_size!r}")
+        problem = _batch_split_problem(self.train, world_size)
+        if problem:
+            raise RecipeError(f"train.global_batch_size: {problem}")
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches each rank accumulates per optimizer step."""
+        self.check_world_size(world_size)
+        return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+
+
+def _batch_split_problem(train: TrainConfig, world_size: int) -> str | None:
+    """Why `train.global_batch_size` cannot be split into micro-batches on `world_size` ranks."""
+    per_pass = train.micro_batch_size * world_size
+    if train.global_batch_size % per_pass == 0:
+        return None
+    fixes = [f"train.global_batch_size={math.ceil(train.global_batch_size / per_pass) * per_pass}"]
+    fitting = [m for m in range(train.micro_batch_size, 0, -1) if train.global_batch_size % (m * world_size) == 0]
+    if fitting:
+        fixes.insert(0, f"train.micro_batch_size={fitting[0]}")
+    return (
+        f"{train.global_batch_size} is not a multiple of train.micro_batch_size "
+        f"({train.micro_batch_size}) x world size ({world_size}) = {per_pass}; set {' or '.join(fixes)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
+    """Read the recipe YAML at `path`, apply `section.field=value` overrides, validate, return it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"cannot read recipe file {path}: {error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error)
+        raise RecipeError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        data = apply_overrides(data, overrides)
+    except RecipeError as error:
+        raise RecipeError(f"{path}: {error}") from None
+    return Recipe.from_dict(data, origin=str(path))
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of recipe data with each `a.b=value` override set (value parsed as YAML).
+
+    Keys are checked against the schema, so a typo fails here instead of being silently ignored;
+    below `deepspeed.` any key is accepted (it is DeepSpeed's own config).
+    """
+    data = _copy_tree(data)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set expects KEY=VALUE (e.g. train.lr=3e-4), got {override!r}")
+        parts = key.strip().split(".")
+        _check_key(parts)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise RecipeError(f"--set {override}: the value is not valid YAML ({error})") from None
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                if node.get(part) is not None:
+                    raise RecipeError(f"--set {key}: {'.'.join(parts[:depth + 1])} is not a section")
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def _check_key(parts: list[str]) -> None:
+    """Raise RecipeError unless the dotted key `parts` names a recipe field."""
+    cls: Any = Recipe
+    for depth, part in enumerate(parts):
+        if cls is dict:  # free-form section (deepspeed): anything goes below it
+            return
+        if not dataclasses.is_dataclass(cls):
+            raise RecipeError(f"{'.'.join(parts[:depth])} is a value, not a section: cannot set {'.'.join(parts)}")
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise RecipeError(_unknown_key_message(".".join(parts)))
+        hint = hints[part]
+        cls = dict if typing.get_origin(hint) is dict else hint
+
+
+def _all_keys(cls: Any = Recipe, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema: sections and fields."""
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(hint):
+            keys.extend(_all_keys(hint, f"{prefix}{name}."))
+    return keys
+
+
+def _unknown_key_message(key: str) -> str:
+    """`unknown key 'train.lr_sched' (did you mean 'train.lr'?)`."""
+    candidates = _all_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    guesses = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf]
+    guesses = guesses or difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(g) for g in guesses)}?)" if guesses else ""
+    return f"unknown key {key!r}{hint}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain data -> dataclasses, checking types and ranges
+# ---------------------------------------------------------------------------------------------
+
+
+def _build(cls: type, data: Any, section: str) -> Any:
+    """Instantiate dataclass `cls` from the mapping `data` found at dotted `section`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{section or 'recipe'}: expected a mapping of fields, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{section}." if section else ""
+    for key in data:
+        if key not in fields:
+            raise RecipeError(_unknown_key_message(prefix + str(key)))
+    values = {}
+    for name, spec in fields.items():
+        if name in data:
+            values[name] = _convert(data[name], hints[name], prefix + name)
+            allowed = spec.metadata.get("range")
+            if allowed is not None and values[name] is not None and values[name] not in allowed:
+                noun = "integer" if _strip_none(hints[name]) is int else "number"
+                raise _FieldError(prefix + name, f"expected {allowed.describe(noun)}, got {values[name]!r}")
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                values[name] = _build(hints[name], {}, prefix + name)  # names the missing field inside
+            else:
+                raise _FieldError(prefix + name, "required but missing")
+    try:
+        return cls(**values)
+    except _FieldError as error:
+        raise (error.within(section) if section else error) from None
+
+
+def _convert(value: Any, hint: Any, path: str) -> Any:
+    """Check `value` against the type `hint` and return it in that type (e.g. list -> tuple)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        for option in typing.get_args(hint):
+            if option is not type(None):
+                try:
+                    return _convert(value, option, path)
+                except _FieldError:
+                    continue
+        raise _FieldError(path, f"expected {_describe(hint)}, got {_show(value)}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint_text = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _FieldError(path, f"expected one of {', '.join(choices)}; got {_show(value)}{hint_text}")
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        number = _as_float(value)
+        if number is not None:
+            return number
+        ok = False
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif origin is list:
+        ok = isinstance(value, list)
+        if ok:
+            (item,) = typing.get_args(hint)
+            return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif origin is tuple:
+        items = typing.get_args(hint)
+        ok = isinstance(value, (list, tuple)) and len(value) == len(items)
+        if ok:
+            return tuple(_convert(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+    elif origin is dict:
+        ok = isinstance(value, Mapping)
+        if ok:
+            return _copy_tree(value)
+    else:
+        raise TypeError(f"config field {path} has an unsupported type {hint!r}")
+    if not ok:
+        raise _FieldError(path, f"expected {_describe(hint)}, got {_show(value)}")
+    return value
+
+
+def _as_float(value: Any) -> float | None:
+    """`value` as a float, or None. Strings count: YAML 1.1 reads `1e-4` (no dot) as a string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _describe(hint: Any) -> str:
+    """Words for a type in error messages: `a list of 2 numbers`, `an integer or null`."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join("null" if t is type(None) else _describe(t) for t in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[1]}s"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def _strip_none(hint: Any) -> Any:
+    """`int | None` -> `int`."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        (inner,) = [t for t in typing.get_args(hint) if t is not type(None)]
+        return inner
+    return hint
+
+
+def _show(value: Any) -> str:
+    """A value for an error message, with its type when that is the problem."""
+    if isinstance(value, (Mapping, list)):
+        return f"a {type(value).__name__}: {value!r}"
+    return repr(value)
+
+
+def _copy_tree(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy nested dicts (so overrides never change the caller's data)."""
+    return {k: _copy_tree(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def _plain(value: Any) -> Any:
+    """Dataclass `asdict` output with tuples turned into lists (YAML- and JSON-safe)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
