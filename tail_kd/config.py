@@ -134,7 +134,9 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         if self.init != "derived" and not self.path:
-            raise _FieldError("path", f"required when init is {self.init!r} (a model folder or hub id)")
+            raise _FieldError(
+                "path", f"required when init is {self.init!r} (a model folder or hub id)"
+            )
 
 
 @dataclass(kw_only=True)
@@ -158,12 +160,16 @@ class DataConfig:
     def __post_init__(self) -> None:
         sources = [self.source] if isinstance(self.source, str) else self.source
         if not sources or not all(sources):
-            raise _FieldError("source", "must name a file, a directory, a datasets name or gsm_symbolic")
+            raise _FieldError(
+                "source", "must name a file, a directory, a datasets name or gsm_symbolic"
+            )
         generated = [s for s in sources if s in GENERATED_SOURCES]
         if generated and len(sources) > 1:
             raise _FieldError("source", f"{generated[0]} cannot be combined with other sources")
         if generated and self.kind != "sft":
-            raise _FieldError("kind", f"{generated[0]} gives question/answer records: set data.kind=sft")
+            raise _FieldError(
+                "kind", f"{generated[0]} gives question/answer records: set data.kind=sft"
+            )
         if generated and self.num_examples is None:
             raise _FieldError("num_examples", f"required for the generated source {generated[0]}")
 
@@ -204,7 +210,9 @@ class TrainConfig:
         if not all(0 <= b < 1 for b in self.betas):
             raise _FieldError("betas", f"expected two numbers in [0, 1), got {list(self.betas)}")
         if self.warmup_steps > self.steps:
-            raise _FieldError("warmup_steps", f"{self.warmup_steps} exceeds train.steps ({self.steps})")
+            raise _FieldError(
+                "warmup_steps", f"{self.warmup_steps} exceeds train.steps ({self.steps})"
+            )
         problem = _batch_split_problem(self, world_size=1)
         if problem:
             raise _FieldError("global_batch_size", problem)
@@ -212,19 +220,27 @@ class TrainConfig:
 
 @dataclass
 class LogConfig:
+    """Console and TensorBoard logging."""
+
     every: int = _field(1, POSITIVE)  # optimizer steps between log lines / TensorBoard points
     tensorboard_dir: str | None = None  # default: <output_dir>/tensorboard
 
 
 @dataclass
 class EvalConfig:
-    every: int = _field(50, NON_NEGATIVE)  # optimizer steps between evaluations; 0 = only at the end
+    """Held-out loss during training."""
+
+    # Optimizer steps between evaluations; 0 = only at the end.
+    every: int = _field(50, NON_NEGATIVE)
     max_batches: int = _field(4, POSITIVE)  # micro-batches per rank per evaluation
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = _field(50, NON_NEGATIVE)  # optimizer steps between checkpoints; 0 = only at the end
+    """Resumable checkpoints under <output_dir>."""
+
+    # Optimizer steps between checkpoints; 0 = only at the end.
+    every: int = _field(50, NON_NEGATIVE)
     keep: int = _field(2, _Range(1))  # newest checkpoints kept on disk
 
 
@@ -234,7 +250,8 @@ class Recipe:
 
     run_name: str = "tail-kd"  # names the TensorBoard run; output_dir defaults to runs/<run_name>
     output_dir: str | None = None  # default: runs/<run_name>
-    cache_dir: str | None = None  # shared caches (data, converted models); default <output_dir>/../.cache
+    # Shared caches (data, converted GGUF teachers); default: <output_dir>/../.cache.
+    cache_dir: str | None = None
     device: Literal["auto", "cuda", "cpu"] = "auto"  # cpu: DeepSpeed's CPU accelerator and gloo
     seed: int = _field(0, NON_NEGATIVE)
     teacher: TeacherConfig
@@ -249,11 +266,15 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if not self.run_name or os.sep in self.run_name:
-            raise _FieldError("run_name", f"expected a non-empty name without {os.sep!r}, got {self.run_name!r}")
+            raise _FieldError(
+                "run_name", f"expected a non-empty name without {os.sep!r}, got {self.run_name!r}"
+            )
         if self.output_dir is None:
             self.output_dir = os.path.join("runs", self.run_name)
         if self.cache_dir is None:
-            self.cache_dir = os.path.join(os.path.dirname(os.path.normpath(self.output_dir)), ".cache")
+            self.cache_dir = os.path.join(
+                os.path.dirname(os.path.normpath(self.output_dir)), ".cache"
+            )
         if self.data.cache_dir is None:
             self.data.cache_dir = os.path.join(self.cache_dir, "data")
         if self.log.tensorboard_dir is None:
@@ -294,12 +315,17 @@ def _batch_split_problem(train: TrainConfig, world_size: int) -> str | None:
     if train.global_batch_size % per_pass == 0:
         return None
     fixes = [f"train.global_batch_size={math.ceil(train.global_batch_size / per_pass) * per_pass}"]
-    fitting = [m for m in range(train.micro_batch_size, 0, -1) if train.global_batch_size % (m * world_size) == 0]
+    fitting = [
+        m
+        for m in range(train.micro_batch_size, 0, -1)
+        if train.global_batch_size % (m * world_size) == 0
+    ]
     if fitting:
         fixes.insert(0, f"train.micro_batch_size={fitting[0]}")
     return (
         f"{train.global_batch_size} is not a multiple of train.micro_batch_size "
-        f"({train.micro_batch_size}) x world size ({world_size}) = {per_pass}; set {' or '.join(fixes)}"
+        f"({train.micro_batch_size}) x world size ({world_size}) = {per_pass}; "
+        f"set {' or '.join(fixes)}"
     )
 
 
@@ -309,7 +335,7 @@ def _batch_split_problem(train: TrainConfig, world_size: int) -> str | None:
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
-    """Read the recipe YAML at `path`, apply `section.field=value` overrides, validate, return it."""
+    """Read the recipe YAML at `path`, apply `section.field=value` overrides and validate it."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -327,7 +353,9 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+        raise RecipeError(
+            f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}"
+        )
     try:
         data = apply_overrides(data, overrides)
     except RecipeError as error:
@@ -356,7 +384,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
         for depth, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part), dict):
                 if node.get(part) is not None:
-                    raise RecipeError(f"--set {key}: {'.'.join(parts[:depth + 1])} is not a section")
+                    raise RecipeError(
+                        f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section"
+                    )
                 node[part] = {}
             node = node[part]
         node[parts[-1]] = value
@@ -370,7 +400,9 @@ def _check_key(parts: list[str]) -> None:
         if cls is dict:  # free-form section (deepspeed): anything goes below it
             return
         if not dataclasses.is_dataclass(cls):
-            raise RecipeError(f"{'.'.join(parts[:depth])} is a value, not a section: cannot set {'.'.join(parts)}")
+            raise RecipeError(
+                f"{'.'.join(parts[:depth])} is a value, not a section: cannot set {'.'.join(parts)}"
+            )
         hints = typing.get_type_hints(cls)
         if part not in hints:
             raise RecipeError(_unknown_key_message(".".join(parts)))
@@ -422,10 +454,14 @@ def _build(cls: type, data: Any, section: str) -> Any:
             allowed = spec.metadata.get("range")
             if allowed is not None and values[name] is not None and values[name] not in allowed:
                 noun = "integer" if _strip_none(hints[name]) is int else "number"
-                raise _FieldError(prefix + name, f"expected {allowed.describe(noun)}, got {values[name]!r}")
+                raise _FieldError(
+                    prefix + name, f"expected {allowed.describe(noun)}, got {values[name]!r}"
+                )
         elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
             if dataclasses.is_dataclass(hints[name]):
-                values[name] = _build(hints[name], {}, prefix + name)  # names the missing field inside
+                values[name] = _build(
+                    hints[name], {}, prefix + name
+                )  # names the missing field inside
             else:
                 raise _FieldError(prefix + name, "required but missing")
     try:
@@ -455,7 +491,9 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
             return value
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint_text = f" (did you mean {close[0]!r}?)" if close else ""
-        raise _FieldError(path, f"expected one of {', '.join(choices)}; got {_show(value)}{hint_text}")
+        raise _FieldError(
+            path, f"expected one of {', '.join(choices)}; got {_show(value)}{hint_text}"
+        )
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
@@ -476,7 +514,10 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
         items = typing.get_args(hint)
         ok = isinstance(value, (list, tuple)) and len(value) == len(items)
         if ok:
-            return tuple(_convert(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+            return tuple(
+                _convert(v, t, f"{path}[{i}]")
+                for i, (v, t) in enumerate(zip(value, items, strict=True))
+            )
     elif origin is dict:
         ok = isinstance(value, Mapping)
         if ok:
@@ -506,7 +547,9 @@ def _describe(hint: Any) -> str:
     """Words for a type in error messages: `a list of 2 numbers`, `an integer or null`."""
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
-        return " or ".join("null" if t is type(None) else _describe(t) for t in typing.get_args(hint))
+        return " or ".join(
+            "null" if t is type(None) else _describe(t) for t in typing.get_args(hint)
+        )
     if origin is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(hint)))
     if origin is list:
