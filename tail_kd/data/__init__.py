@@ -1,0 +1,69 @@
+"""Training data: sources -> tokenised, cached tables -> datasets -> a resumable loader.
+
+- `sources`: records from files, a `datasets` name or the `gsm_symbolic` generator.
+- `pretrain`: packed text (loss on every token); `sft`: question/answer (loss on the answer).
+- `cache`: the fingerprinted, atomic, self-checking store every rank and later run reuses.
+- `loader`: the deterministic, resumable, distributed `DistillationLoader`.
+
+The datasets follow the data contract of docs/ARCHITECTURE.md: items are dicts of int64 tensors
+`input_ids`, `labels` (-100 where no loss is taken) and `attention_mask`, all `seq_len` long.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from tail_kd.config import DataConfig
+from tail_kd.data import pretrain, sft
+from tail_kd.data.cache import fingerprint, load_or_build, tokenizer_fingerprint
+from tail_kd.data.loader import DistillationLoader
+from tail_kd.data.sources import DataError, open_source
+
+__all__ = ["DataError", "DistillationLoader", "PreparedData", "build_datasets", "prepare_datasets"]
+
+# Each kind's module: cache_key(data) -> dict, build(source, data, tokenizer, out_dir) -> summary,
+# datasets_from_tables(tables, data) -> (train, eval).
+_BUILDERS = {"pretrain": pretrain, "sft": sft}
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The datasets of a recipe, the cache folder they live in and what its build counted."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    cache_path: Path
+    summary: dict[str, Any]
+
+
+def prepare_datasets(
+    data: DataConfig, tokenizer: Any, cache_dir: str | Path, seed: int
+) -> PreparedData:
+    """Load the datasets of `data` from `cache_dir`, tokenising and caching them first if needed."""
+    builder = _BUILDERS[data.kind]
+    source = open_source(data, seed)
+    key = {
+        "kind": data.kind,
+        "source": source.fingerprint(),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        **builder.cache_key(data),
+    }
+    entry = load_or_build(
+        Path(cache_dir) / f"{data.kind}-{fingerprint(key)}",
+        key,
+        lambda out_dir: builder.build(source, data, tokenizer, out_dir),
+    )
+    train, held = builder.datasets_from_tables(entry.tables, data)
+    return PreparedData(train, held, entry.path, entry.summary)
+
+
+def build_datasets(
+    data: DataConfig, tokenizer: Any, cache_dir: str | Path, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The train and eval datasets of `data` (eval is None when `data.eval_examples` is 0)."""
+    prepared = prepare_datasets(data, tokenizer, cache_dir, seed)
+    return prepared.train, prepared.eval
