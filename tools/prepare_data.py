@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""Build a recipe's data cache ahead of a GPU job.
+
+    python tools/prepare_data.py RECIPE.yaml [--set section.field=value ...]
+
+The work is done by `tail_kd.data.prepare` (also `tail-kd prepare-data`); this file lets a checkout
+run it without installing the package.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tail_kd.data.prepare import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
