@@ -196,3 +196,13 @@ def test_bad_shapes_and_labels_are_named():
     labels[2, 0] = s_weight.shape[0]
     with pytest.raises(ValueError, match="labels must lie in"):
         fused_tad_loss(s_hidden, s_weight, t_hidden, t_weight, labels, k=3, beta=1.0)
+
+
+@pytest.mark.parametrize("divergence, k", [("tad", 5), ("forward_kl", None), ("reverse_kl", 3), ("none", None)])
+def test_compiled_kernels_match_eager(divergence, k):
+    batch = make_batch(dtype=torch.float32)
+    kwargs = dict(k=k, beta=2.0, divergence=divergence, chunk_size=7)
+    eager = loss_and_grads(fused_tad_loss, *batch, **kwargs)
+    compiled = loss_and_grads(fused_tad_loss, *batch, compile=True, **kwargs)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .dense import validate_tad_args
+from .kernels import Kernels
 from .vocab_parallel import VocabShards
 
 __all__ = ["fused_tad_loss", "TADLossOutput", "DIVERGENCES", "IGNORE_INDEX"]
@@ -85,6 +86,7 @@ class _Spec:
     normalize: bool
     ce_weight: float
     chunk_size: int
+    compile: bool
 
     @property
     def uses_teacher(self) -> bool:
@@ -110,6 +112,7 @@ def fused_tad_loss(
     vocab_size: int | None = None,
     group: dist.ProcessGroup | None = None,
     chunk_size: int = 1024,
+    compile: bool = False,
 ) -> TADLossOutput:
     """Mean over valid tokens of ce_weight * CE + L_DIV, from hidden states and lm_head weights.
 
@@ -127,6 +130,8 @@ def fused_tad_loss(
         vocab_size: rows with global index >= vocab_size are padding, excluded from both softmaxes.
         group: vocab-parallel process group (each rank passes its contiguous row shard, rank order).
         chunk_size: tokens per chunk; peak extra memory is a few chunk_size x V_r float32 buffers.
+        compile: torch.compile the elementwise passes (`kernels.py`): fewer passes over memory and
+            no float32 intermediates; the first call of each configuration pays the compilation.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
@@ -136,7 +141,7 @@ def fused_tad_loss(
         raise ValueError(f"ce_weight must be >= 0, got {ce_weight!r}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
-    spec = _Spec(divergence, k, float(beta), normalize, float(ce_weight), int(chunk_size))
+    spec = _Spec(divergence, k, float(beta), normalize, float(ce_weight), int(chunk_size), bool(compile))
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec)
     loss, stats = _FusedDistillationLoss.apply(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec, vocab_size, group
@@ -209,15 +214,16 @@ class _FusedDistillationLoss(torch.autograd.Function):
         grad_w = torch.zeros_like(s_weight) if want_grad_w else None
         sums = torch.zeros(len(_STATS), dtype=_math_dtype(s_weight), device=s_hidden.device)
 
+        kernels = Kernels(compiled=spec.compile)
         chunks, long_seqs = _plan_chunks(seq_ids, batch, spec)
         seq_mean_alpha = sums.new_full((batch,), float("nan"))
         if long_seqs:
-            _teacher_prepass(t_h, t_w, seq_ids, long_seqs, seq_mean_alpha, spec, shards)
+            _teacher_prepass(t_h, t_w, seq_ids, long_seqs, seq_mean_alpha, spec, shards, kernels)
 
         for start, end in chunks:
             terms, grad_logits = _chunk(
                 s_h[start:end], s_w, None if t_h is None else t_h[start:end], t_w,
-                targets[start:end], seq_ids[start:end], seq_mean_alpha, spec, shards,
+                targets[start:end], seq_ids[start:end], seq_mean_alpha, spec, shards, kernels,
                 want_grad=want_grad_h or want_grad_w,
             )
             sums[: terms.shape[1]] += terms.sum(0)
@@ -284,39 +290,30 @@ def _plan_chunks(seq_ids: Tensor, batch: int, spec: _Spec) -> tuple[list[tuple[i
 
 
 def _math_dtype(weight: Tensor) -> torch.dtype:
+    """float32, or float64 for float64 weights (the tests' exact comparisons)."""
     return torch.promote_types(weight.dtype, torch.float32)
 
 
-def _logits(hidden: Tensor, weight: Tensor) -> Tensor:
-    """hidden @ weight.T in the weight's dtype, returned in the math dtype (float32 at least)."""
-    return (hidden @ weight.T).to(_math_dtype(weight))
-
-
-def _teacher_logit_stats(t_logits: Tensor, k: int | None, shards: VocabShards):
-    """(log Z_T [c], top-K mask [c, V_r] or None, log of the teacher's tail normaliser [c])."""
-    lse = shards.logsumexp(t_logits.logsumexp(-1, keepdim=True)).squeeze(-1)
+def _kth_largest(t: Tensor, k: int | None, shards: VocabShards, dtype: torch.dtype) -> Tensor:
+    """The teacher's K-th largest logit per token [c]; +inf ("T_K is empty") when k is None."""
     if k is None:
-        return lse, None, lse
-    top = t_logits >= shards.kth_largest(t_logits, k).unsqueeze(-1)
-    tail_lse = shards.logsumexp(_masked_logsumexp(t_logits, top)).squeeze(-1)
-    return lse, top, tail_lse
+        return torch.full(t.shape[:1], float("inf"), dtype=dtype, device=t.device)
+    return shards.kth_largest(t, k).to(dtype)
 
 
-def _masked_logsumexp(x: Tensor, exclude: Tensor) -> Tensor:
-    """logsumexp over the entries not excluded, [c, 1] (-inf where none is left)."""
-    return x.masked_fill(exclude, float("-inf")).logsumexp(-1, keepdim=True)
-
-
-def _teacher_prepass(t_h, t_w, seq_ids, long_seqs, seq_mean_alpha, spec: _Spec, shards) -> None:
+def _teacher_prepass(t_h, t_w, seq_ids, long_seqs, seq_mean_alpha, spec: _Spec, shards, kernels) -> None:
     """Fill seq_mean_alpha[s] = mean teacher tail mass over long sequence s (teacher only)."""
+    dtype = seq_mean_alpha.dtype
     long_ids = torch.tensor(long_seqs, device=seq_ids.device)
     index = torch.isin(seq_ids, long_ids).nonzero().squeeze(1)
     sums = torch.zeros_like(seq_mean_alpha)
     for start in range(0, index.numel(), spec.chunk_size):
         rows = index[start : start + spec.chunk_size]
-        lse, _, tail_lse = _teacher_logit_stats(_logits(t_h[rows], t_w), spec.k, shards)
-        sums.index_add_(0, seq_ids[rows], (tail_lse - lse).exp())
-    counts = torch.bincount(seq_ids[index], minlength=seq_mean_alpha.numel()).to(sums.dtype)
+        t = t_h[rows] @ t_w.T
+        lse = shards.logsumexp(kernels.logsumexp(t, dtype).unsqueeze(1))
+        tail, _ = kernels.tail_logsumexp(t, t, _kth_largest(t, spec.k, shards, dtype), dtype)
+        sums.index_add_(0, seq_ids[rows], (shards.logsumexp(tail.unsqueeze(1)) - lse).squeeze(1).exp())
+    counts = torch.bincount(seq_ids[index], minlength=seq_mean_alpha.numel()).to(dtype)
     seq_mean_alpha[long_ids] = sums[long_ids] / counts[long_ids]
 
 
@@ -328,45 +325,34 @@ def _sequence_mean_alpha(alpha_t, seq_ids, seq_mean_alpha) -> Tensor:
     return torch.where(seq_mean_alpha.isnan(), in_chunk, seq_mean_alpha)[seq_ids]
 
 
-def _chunk(s_h, s_w, t_h, t_w, targets, seq_ids, seq_mean_alpha, spec: _Spec, shards, want_grad):
+def _chunk(s_h, s_w, t_h, t_w, targets, seq_ids, seq_mean_alpha, spec: _Spec, shards, kernels, want_grad):
     """Loss terms [c, len(_STATS)] and gradient w.r.t. the local student logits [c, V_r] (or None)."""
-    s_logits = _logits(s_h, s_w)
+    dtype = _math_dtype(s_w)
+    s = s_h @ s_w.T  # raw logits in the weights' dtype; the kernels upcast as they read
     local_y, owned = shards.local_labels(targets)
-    label_logit = shards.sum_(_pick(s_logits, local_y, owned))
-    s_lse = shards.logsumexp(s_logits.logsumexp(-1, keepdim=True)).squeeze(-1)
-    ce = s_lse - label_logit
+    label_logit = shards.sum_(_pick(s, local_y, owned).to(dtype))
 
     if not spec.uses_teacher:  # CE only: gradient ce_weight * (q - onehot(y))
-        terms = ce.unsqueeze(1)
-        grad = s_logits.sub_(s_lse.unsqueeze(-1)).exp_().mul_(spec.ce_weight) if want_grad else None
-        return terms, _subtract_label(grad, local_y, owned, spec.ce_weight)
+        s_lse = shards.logsumexp(kernels.logsumexp(s, dtype).unsqueeze(1)).squeeze(1)
+        grad = kernels.softmax_grad(s, s_lse, spec.ce_weight, dtype) if want_grad else None
+        return (s_lse - label_logit).unsqueeze(1), _subtract_label(grad, local_y, owned, spec.ce_weight)
 
-    t_logits = _logits(t_h, t_w)
-    t_lse, top, t_tail_lse = _teacher_logit_stats(t_logits, spec.k, shards)
-    if top is None:
-        s_tail_lse = s_lse
+    t = t_h @ t_w.T
+    lse = shards.logsumexp(torch.stack([kernels.logsumexp(t, dtype), kernels.logsumexp(s, dtype)], 1))
+    ce = lse[:, 1] - label_logit
+    thr = _kth_largest(t, spec.k, shards, dtype)
+    if spec.k is None:  # no top-K: the "tail" is the whole vocabulary
+        tail_lse = lse
     else:
-        s_tail_lse = shards.logsumexp(_masked_logsumexp(s_logits, top)).squeeze(-1)
-    log_alpha_t, log_alpha_s = t_tail_lse - t_lse, s_tail_lse - s_lse
-    alpha_t, alpha_s = log_alpha_t.exp(), log_alpha_s.exp()
-    has_tail = torch.isfinite(t_tail_lse)
+        tail_lse = shards.logsumexp(torch.stack(kernels.tail_logsumexp(t, s, thr, dtype), 1))
+    log_alpha = tail_lse - lse  # (log alpha_T, log alpha_S)
+    alpha_t, alpha_s = log_alpha.exp().unbind(1)
 
     if spec.divergence == "reverse_kl":
-        return _reverse_kl_chunk(s_logits, t_logits, s_lse, t_lse, ce, alpha_t, alpha_s, local_y,
-                                 owned, spec, shards, want_grad)
-
-    # log r and log r^s in place: subtract each region's normaliser (log Z, or the tail's).
-    _normalise_by_region(t_logits, top, t_lse, t_tail_lse)
-    _normalise_by_region(s_logits, top, s_lse, s_tail_lse)
-    r = t_logits.exp()
-    pointwise = t_logits.sub_(s_logits).mul_(r)  # r log(r / r^s), in the teacher buffer
-    total = pointwise.sum(-1)
-    d2 = total if top is None else pointwise.masked_fill_(top, 0.0).sum(-1)
-    d1_top = total - d2
-    top_part, d2 = shards.sum_(torch.stack([d1_top, d2], dim=1)).unbind(1)
-    bucket = torch.where(has_tail, alpha_t * (log_alpha_t - log_alpha_s), 0.0)
-    d1 = top_part + bucket  # without a top-K everything is "tail": alpha = 1, D1 = 0, D2 = KL
-    kl = d1 + alpha_t * d2
+        rkl, fkl = shards.sum_(torch.stack(kernels.reverse_kl_terms(t, s, lse, dtype), 1)).unbind(1)
+        terms = torch.stack([ce, rkl, fkl, alpha_t, alpha_s], dim=1)
+        grad = kernels.reverse_kl_grad(t, s, lse, rkl, spec.ce_weight, dtype) if want_grad else None
+        return terms, _subtract_label(grad, local_y, owned, spec.ce_weight)
 
     if spec.divergence == "tad":
         omega = spec.beta * alpha_t
@@ -375,49 +361,20 @@ def _chunk(s_h, s_w, t_h, t_w, targets, seq_ids, seq_mean_alpha, spec: _Spec, sh
             omega = omega / mean.clamp_min(torch.finfo(mean.dtype).tiny)
     elif spec.divergence == "forward_kl":
         omega = alpha_t
-    else:  # "none": teacher used for diagnostics only
+    else:  # "none": the teacher only feeds the diagnostics
         omega = torch.zeros_like(alpha_t)
-    divergence = d1 + omega * d2
-    terms = torch.stack([ce, divergence, kl, alpha_t, alpha_s], dim=1)
-    if not want_grad:
-        return terms, None
-
     kd = 0.0 if spec.divergence == "none" else 1.0
-    r_s = s_logits.exp_()
-    coef_s = ((kd + spec.ce_weight) * alpha_s - kd * alpha_t + omega).unsqueeze(-1)
-    coef_r = omega.unsqueeze(-1)
-    if top is None:
-        r_s.mul_(coef_s)
-        r.mul_(coef_r)
-    else:  # one [c, V] buffer holds the per-element coefficient of r^s, then that of r
-        coef = coef_s.expand_as(r_s).masked_fill(top, kd + spec.ce_weight)
-        r_s.mul_(coef)
-        r.mul_(coef.copy_(coef_r.expand_as(coef)).masked_fill_(top, kd))
-    grad = r_s.sub_(r)
-    return terms, _subtract_label(grad, local_y, owned, spec.ce_weight)
+    a_top = torch.full_like(omega, kd + spec.ce_weight)
+    coef = torch.stack([a_top, torch.full_like(omega, kd), a_top * alpha_s - kd * alpha_t + omega, omega], 1)
+    t_norm = torch.stack([lse[:, 0], tail_lse[:, 0]], 1)
+    s_norm = torch.stack([lse[:, 1], tail_lse[:, 1]], 1)
+    top_sum, tail_sum, grad = kernels.tad_terms(t, s, thr, t_norm, s_norm, coef, dtype, want_grad)
+    top_sum, d2 = shards.sum_(torch.stack([top_sum, tail_sum], 1)).unbind(1)
 
-
-def _normalise_by_region(logits: Tensor, top: Tensor | None, lse: Tensor, tail_lse: Tensor) -> None:
-    """In place: logits - log Z on T_K, logits - log Z_tail on the tail (log p / log p~)."""
-    if top is None:
-        logits.sub_(lse.unsqueeze(-1))
-    else:
-        logits.sub_(torch.where(top, lse.unsqueeze(-1), tail_lse.unsqueeze(-1)))
-
-
-def _reverse_kl_chunk(s_logits, t_logits, s_lse, t_lse, ce, alpha_t, alpha_s, local_y, owned,
-                      spec: _Spec, shards, want_grad):
-    """KL(q || p) terms and gradient q_j (log q_j - log p_j - KL(q||p)) + ce_weight (q - onehot)."""
-    log_q = s_logits.sub_(s_lse.unsqueeze(-1))
-    log_p = t_logits.sub_(t_lse.unsqueeze(-1))
-    q = log_q.exp()
-    p = log_p.exp()
-    log_ratio = log_q.sub_(log_p)  # log q - log p, in the student buffer
-    rkl, fkl = shards.sum_(torch.stack([(q * log_ratio).sum(-1), -(p * log_ratio).sum(-1)], 1)).unbind(1)
-    terms = torch.stack([ce, rkl, fkl, alpha_t, alpha_s], dim=1)
-    if not want_grad:
-        return terms, None
-    grad = log_ratio.sub_(rkl.unsqueeze(-1) - spec.ce_weight).mul_(q)
+    has_tail = torch.isfinite(tail_lse[:, 0])
+    bucket = torch.where(has_tail, alpha_t * (log_alpha[:, 0] - log_alpha[:, 1]), 0.0)
+    d1 = top_sum + bucket  # without a top-K everything is "tail": alpha = 1, D1 = 0, D2 = KL
+    terms = torch.stack([ce, d1 + omega * d2, d1 + alpha_t * d2, alpha_t, alpha_s], dim=1)
     return terms, _subtract_label(grad, local_y, owned, spec.ce_weight)
 
 
