@@ -1,0 +1,322 @@
+"""Who am I in the job, and the process group everyone joins.
+
+One training script serves every way of starting it:
+
+    launcher                        what it tells each process
+    deepspeed --num_gpus N ...      RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR/PORT,
+                                    and the argument --local_rank
+    torchrun --nproc-per-node N     RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT
+    srun (one task per rank)        only SLURM_* (PROCID, LOCALID, STEP_NUM_TASKS, STEP_NODELIST,
+                                    STEP_TASKS_PER_NODE, NODEID, JOB_ID)
+    nothing                         nothing: a single process
+
+`discover_topology` turns any of these into a `Topology`; for srun the rendezvous address is the
+first node of the step (resolved through `scontrol show node` when node names do not resolve, as
+on clusters whose node names are not in DNS) and the port is derived from the job id, so every
+task computes the same pair without talking to the others.
+
+`init_distributed` then picks the device (cpu: DeepSpeed's CPU accelerator and gloo; cuda: nccl)
+and joins the process group through `deepspeed.init_distributed`.
+
+Collective timeout: a collective that does not complete within `DEEPSPEED_TIMEOUT` minutes
+(DeepSpeed's own variable; default here 30) raises on the ranks still waiting, so a rank that dies
+or hangs stops the job instead of leaving the others blocked forever. Raise it if rank 0 needs
+longer alone (e.g. converting a very large GGUF teacher while the other ranks wait at a barrier).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "Topology",
+    "DistContext",
+    "MainProcessFailed",
+    "discover_topology",
+    "free_port",
+    "init_distributed",
+    "resolve_device",
+]
+
+DEFAULT_TIMEOUT_MINUTES = 30
+_SLURM_PORT_BASE, _SLURM_PORT_RANGE = 20000, 20000
+
+
+@dataclass(frozen=True)
+class Topology:
+    """This process's place in the job, as told by its launcher."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "env" (deepspeed launcher, torchrun), "slurm" (srun) or "single"
+
+    def export(self, environ: dict[str, str]) -> None:
+        """Write the torch.distributed `env://` variables (what torchrun would have set)."""
+        environ.update(
+            RANK=str(self.rank),
+            LOCAL_RANK=str(self.local_rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_WORLD_SIZE=str(self.local_world_size),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
+
+
+def discover_topology(
+    environ: Mapping[str, str] | None = None, local_rank: int | None = None
+) -> Topology:
+    """Read the launcher's variables (see the module docstring) into a `Topology`.
+
+    Args:
+        environ: the environment to read (default `os.environ`).
+        local_rank: the deepspeed launcher's `--local_rank` argument, if given; it wins over
+            LOCAL_RANK.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return _from_torch_env(env, local_rank)
+    if _inside_srun_step(env):
+        return _from_slurm_env(env)
+    if int(env.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            "WORLD_SIZE > 1 but RANK is not set: start the job through deepspeed, torchrun or srun"
+        )
+    return Topology(0, local_rank or 0, 1, 1, "127.0.0.1", free_port(), "single")
+
+
+def _from_torch_env(env: Mapping[str, str], local_rank: int | None) -> Topology:
+    world_size = int(env["WORLD_SIZE"])
+    local_world_size = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world_size)
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in env]
+    if missing and world_size > 1:
+        raise RuntimeError(
+            f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not: set it or use a launcher"
+        )
+    return Topology(
+        rank=int(env["RANK"]),
+        local_rank=int(local_rank if local_rank is not None else env.get("LOCAL_RANK", 0)),
+        world_size=world_size,
+        local_world_size=local_world_size,
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=int(env.get("MASTER_PORT") or free_port()),
+        launcher="env",
+    )
+
+
+def _inside_srun_step(env: Mapping[str, str]) -> bool:
+    """True in a task started by srun; False in the batch script (which sees SLURM_PROCID too)."""
+    return "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and "SLURM_STEP_NODELIST" in env
+
+
+def _from_slurm_env(env: Mapping[str, str]) -> Topology:
+    world_size = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+    master_addr = env.get("MASTER_ADDR") or slurm_first_node_address(env["SLURM_STEP_NODELIST"])
+    if "MASTER_PORT" in env:
+        master_port = int(env["MASTER_PORT"])
+    else:
+        master_port = _SLURM_PORT_BASE + int(env["SLURM_JOB_ID"]) % _SLURM_PORT_RANGE
+    return Topology(
+        rank=int(env["SLURM_PROCID"]),
+        local_rank=int(env.get("SLURM_LOCALID", 0)),
+        world_size=world_size,
+        local_world_size=_slurm_tasks_on_this_node(env, world_size),
+        master_addr=master_addr,
+        master_port=master_port,
+        launcher="slurm",
+    )
+
+
+def _slurm_tasks_on_this_node(env: Mapping[str, str], world_size: int) -> int:
+    """Tasks of this step on this node: SLURM_STEP_TASKS_PER_NODE ("4(x2),3") at SLURM_NODEID."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE")
+    if not spec:
+        return world_size
+    counts = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            return world_size
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    node = int(env.get("SLURM_NODEID", 0))
+    return counts[node] if node < len(counts) else counts[0]
+
+
+def slurm_first_node_address(nodelist: str) -> str:
+    """Address of the first node of a Slurm node list such as "gpu[07-09],gpu12".
+
+    The name is used when it resolves; otherwise `scontrol show node` gives the node's NodeAddr.
+    """
+    first = _scontrol(["show", "hostnames", nodelist]).split()[0]
+    try:
+        socket.gethostbyname(first)
+        return first
+    except OSError:
+        pass
+    match = re.search(r"\bNodeAddr=(\S+)", _scontrol(["show", "node", first]))
+    if match is None:
+        raise RuntimeError(
+            f"cannot resolve Slurm node {first!r} and `scontrol show node {first}` has no NodeAddr"
+        )
+    return match.group(1)
+
+
+def _scontrol(args: list[str]) -> str:
+    try:
+        return subprocess.run(
+            ["scontrol", *args], check=True, capture_output=True, text=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise RuntimeError(
+            f"`scontrol {' '.join(args)}` failed ({error}); "
+            "set MASTER_ADDR to the first node's address"
+        ) from error
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now (for a single-node rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def resolve_device(device: str) -> str:
+    """The device a recipe's `device` means: auto is cuda when a GPU is visible, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "device: cuda was requested but no GPU is visible; use --set device=cpu (or auto)"
+        )
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    return device
+
+
+class MainProcessFailed(RuntimeError):
+    """Rank 0 failed inside `DistContext.main_first`; it reports the cause."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """The joined process group: identity, device, and the few collectives the trainer needs."""
+
+    topology: Topology
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return self.topology.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0, the rank that logs, converts and publishes."""
+        return self.topology.rank == 0
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is True on at least one (one tiny all-reduce)."""
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of `tensor` over all ranks (a new tensor on this rank's device)."""
+        total = tensor.detach().to(self.device, copy=True)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    def broadcast(self, obj: object) -> object:
+        """Rank 0's `obj` on every rank (any picklable object)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Run the block on rank 0 first, then on the others (who then find rank 0's cached result).
+
+        Use it for work that fills a shared cache: converting a GGUF teacher, tokenising a dataset.
+        If the block fails on rank 0, the other ranks raise `MainProcessFailed` instead of waiting.
+        """
+        if self.is_main:
+            try:
+                yield
+            except BaseException:
+                self.broadcast(False)
+                raise
+            self.broadcast(True)
+        else:
+            if not self.broadcast(None):
+                raise MainProcessFailed(
+                    "rank 0 failed in a step the other ranks wait for (its error is above)"
+                )
+            yield
+
+
+def init_distributed(device: str, topology: Topology | None = None) -> DistContext:
+    """Join the job's process group; call it before anything imports DeepSpeed's accelerator.
+
+    cpu: sets DS_ACCELERATOR=cpu (DeepSpeed reads it once, at import) and uses gloo; unless
+    OMP_NUM_THREADS says otherwise, the cores are shared evenly between this node's ranks.
+    cuda: binds the process to GPU `local_rank` and uses nccl.
+    """
+    topology = topology or discover_topology()
+    device = resolve_device(device)
+    topology.export(os.environ)
+    if device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // topology.local_world_size))
+    else:
+        torch.cuda.set_device(topology.local_rank)
+    _check_accelerator(device)
+
+    import deepspeed
+
+    minutes = int(os.environ.get("DEEPSPEED_TIMEOUT", DEFAULT_TIMEOUT_MINUTES))
+    deepspeed.init_distributed(
+        dist_backend="gloo" if device == "cpu" else "nccl",
+        auto_mpi_discovery=False,
+        timeout=timedelta(minutes=minutes),
+        verbose=False,
+    )
+    torch_device = (
+        torch.device("cpu") if device == "cpu" else torch.device("cuda", topology.local_rank)
+    )
+    return DistContext(topology, torch_device)
+
+
+def _check_accelerator(device: str) -> None:
+    """Fail clearly if DeepSpeed was imported earlier with an accelerator other than `device`."""
+    if "deepspeed" not in sys.modules:
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if name != device:
+        raise RuntimeError(
+            f"DeepSpeed was imported with the {name!r} accelerator before device={device!r} was "
+            f"chosen; set DS_ACCELERATOR={device} in the environment or import DeepSpeed only "
+            "after init_distributed"
+        )

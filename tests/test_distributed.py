@@ -1,0 +1,139 @@
+"""Rank discovery for each launcher (no processes are started; srun's scontrol is faked)."""
+
+import os
+import stat
+
+import pytest
+
+from tail_kd.distributed import discover_topology, resolve_device, slurm_first_node_address
+
+# What `scontrol` answers on a cluster whose node names do not resolve (as on the emulated one).
+FAKE_SCONTROL = """#!/bin/sh
+if [ "$1 $2" = "show hostnames" ]; then
+  case "$3" in
+    "n[1-2]") printf 'n1\\nn2\\n' ;;
+    "localhost") printf 'localhost\\n' ;;
+  esac
+elif [ "$1 $2 $3" = "show node n1" ]; then
+  echo "NodeName=n1 Arch=x86_64 CoresPerSocket=1"
+  echo "   NodeAddr=10.1.2.3 NodeHostName=host-a Version=22.05.8"
+fi
+"""
+
+
+@pytest.fixture
+def fake_scontrol(tmp_path, monkeypatch):
+    script = tmp_path / "scontrol"
+    script.write_text(FAKE_SCONTROL)
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_deepspeed_launcher_variables_and_local_rank_argument():
+    env = {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+    }
+    topology = discover_topology(env, local_rank=1)
+    assert (topology.rank, topology.local_rank, topology.world_size) == (3, 1, 4)
+    assert topology.local_world_size == 2
+    assert (topology.master_addr, topology.master_port, topology.launcher) == (
+        "10.0.0.1",
+        29500,
+        "env",
+    )
+
+
+def test_torchrun_variables():
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1234",
+    }
+    topology = discover_topology(env)
+    assert (topology.rank, topology.world_size, topology.local_world_size) == (0, 2, 2)
+
+
+def test_missing_master_address_is_an_error():
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        discover_topology({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"})
+
+
+def test_srun_task_takes_rank_from_slurm_and_address_from_scontrol(fake_scontrol):
+    env = {
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "1",
+        "SLURM_STEP_ID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_STEP_NODELIST": "n[1-2]",
+        "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+        "SLURM_JOB_ID": "4711",
+    }
+    topology = discover_topology(env)
+    assert (topology.rank, topology.local_rank, topology.world_size) == (1, 0, 2)
+    assert topology.local_world_size == 1
+    assert topology.master_addr == "10.1.2.3"  # n1 does not resolve: NodeAddr from scontrol
+    assert topology.master_port == 20000 + 4711
+    assert topology.launcher == "slurm"
+
+
+def test_srun_prefers_explicit_master_variables(fake_scontrol):
+    env = {
+        "SLURM_PROCID": "0",
+        "SLURM_STEP_ID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_NODELIST": "n[1-2]",
+        "SLURM_JOB_ID": "7",
+        "MASTER_ADDR": "head",
+        "MASTER_PORT": "4000",
+    }
+    topology = discover_topology(env)
+    assert (topology.master_addr, topology.master_port) == ("head", 4000)
+
+
+def test_resolvable_node_name_is_used_as_is(fake_scontrol):
+    assert slurm_first_node_address("localhost") == "localhost"
+
+
+def test_batch_script_without_srun_is_a_single_process():
+    env = {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "4",
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+    }
+    topology = discover_topology(env)
+    assert (topology.rank, topology.world_size, topology.launcher) == (0, 1, "single")
+
+
+def test_no_launcher_is_a_single_process():
+    topology = discover_topology({})
+    assert (topology.rank, topology.local_rank, topology.world_size, topology.launcher) == (
+        0,
+        0,
+        1,
+        "single",
+    )
+    assert topology.master_port > 0
+
+
+def test_topology_exports_env_variables():
+    topology = discover_topology({"SLURM_PROCID": "0"})
+    env = {}
+    topology.export(env)
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["MASTER_ADDR"] == "127.0.0.1"
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="auto, cpu or cuda"):
+        resolve_device("tpu")
