@@ -1,0 +1,243 @@
+"""Atomic, resumable checkpoints of the student (DeepSpeed state + trainer state).
+
+Layout of a run directory:
+
+    RUN_DIR/checkpoints/step-0000050/       a published checkpoint
+        deepspeed/                          engine.save_checkpoint(tag="deepspeed"): ZeRO-3
+                                            shards, optimizer and LR-scheduler state
+        latest, zero_to_fp32.py             written by DeepSpeed beside the tag
+        trainer_state.json                  step, world size, recipe, TensorBoard run (rank 0)
+        rank_state/rank-00000.json          each rank's data-loader position and RNG states
+        COMPLETE                            written last: the checkpoint is whole
+    RUN_DIR/checkpoints/tmp-step-0000100/   a checkpoint being written (ignored by readers)
+
+Writing: every rank writes into `tmp-step-N`, flushes its files to disk, and meets the others at
+a barrier; then rank 0 renames the folder to `step-N`, writes `COMPLETE` (fsync'd), and only after
+that deletes checkpoints beyond the `keep` newest. A reader trusts only folders with `COMPLETE`, so
+a run killed at any moment (even with `kill -9` in the middle of a write) leaves the previous
+checkpoint as the newest complete one. The teacher is frozen and never saved: a resumed run
+reloads it from its source.
+
+The output directory must be visible to all ranks under the same path (a shared filesystem on a
+multi-node job).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tail_kd.distributed import DistContext
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointManager",
+    "complete_checkpoints",
+    "find_checkpoint",
+    "capture_rng",
+    "restore_rng",
+    "DEEPSPEED_TAG",
+]
+
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+RANK_STATE_DIR = "rank_state"
+DEEPSPEED_TAG = "deepspeed"
+_STEP_DIR = re.compile(r"step-(\d{7,})")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A published, complete checkpoint."""
+
+    step: int
+    path: Path
+
+    @property
+    def trainer_state(self) -> dict[str, Any]:
+        """The run-level state rank 0 saved (step, world size, recipe, TensorBoard run)."""
+        return json.loads((self.path / TRAINER_STATE).read_text())
+
+    def rank_state(self, rank: int) -> dict[str, Any]:
+        """What `rank` saved: its data-loader position and RNG states."""
+        return json.loads((self.path / RANK_STATE_DIR / f"rank-{rank:05d}.json").read_text())
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Checkpoint]:
+    """The complete checkpoints of a run, oldest first (folders without COMPLETE are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _STEP_DIR.fullmatch(entry.name)
+        if match and (entry / COMPLETE_MARKER).is_file():
+            found.append(Checkpoint(int(match.group(1)), entry))
+    return sorted(found, key=lambda c: c.step)
+
+
+def find_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> Checkpoint:
+    """The newest complete checkpoint of a run, or the one of `step`; FileNotFoundError if none."""
+    checkpoints = complete_checkpoints(run_dir)
+    if step is not None:
+        checkpoints = [c for c in checkpoints if c.step == step]
+    if not checkpoints:
+        what = "complete checkpoint" if step is None else f"complete checkpoint of step {step}"
+        available = ", ".join(str(c.step) for c in complete_checkpoints(run_dir)) or "none"
+        raise FileNotFoundError(
+            f"{Path(run_dir) / CHECKPOINTS_DIR} has no {what} (complete steps: {available})"
+        )
+    return checkpoints[-1]
+
+
+class CheckpointManager:
+    """Saves, publishes, prunes and loads a run's checkpoints; call its methods on every rank."""
+
+    def __init__(self, run_dir: str | os.PathLike, ctx: DistContext, keep: int):
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+        self.root = Path(run_dir) / CHECKPOINTS_DIR
+        self.ctx = ctx
+        self.keep = keep
+
+    def latest(self) -> Checkpoint | None:
+        """The newest complete checkpoint, or None: rank 0's answer, on every rank."""
+        checkpoints = complete_checkpoints(self.root.parent)
+        return self.ctx.broadcast(checkpoints[-1] if checkpoints else None)
+
+    def save(
+        self, engine, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any]
+    ) -> Checkpoint:
+        """Write the student engine and trainer state of `step`, publish it, prune old ones.
+
+        Args:
+            engine: the student's DeepSpeed engine.
+            trainer_state: run-level state, written by rank 0 (must be JSON-serialisable).
+            rank_state: this rank's state (data position, RNG), written by every rank.
+        """
+        tmp = self.root / f"tmp-step-{step:07d}"
+        final = self.root / f"step-{step:07d}"
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted attempt
+            (tmp / RANK_STATE_DIR).mkdir(parents=True)
+        self.ctx.barrier()
+
+        engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG)
+        if self.ctx.is_main:
+            _write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})
+        _write_json(tmp / RANK_STATE_DIR / f"rank-{self.ctx.rank:05d}.json", rank_state)
+        _fsync_tree(tmp)
+        self.ctx.barrier()
+
+        if self.ctx.is_main:
+            # A folder of this step without COMPLETE is an interrupted attempt's: replace it.
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            _write_json(final / COMPLETE_MARKER, {"step": step})
+            _fsync_dir(final)
+            self._prune()
+        self.ctx.barrier()
+        return Checkpoint(step, final)
+
+    def load(self, engine, checkpoint: Checkpoint) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load `checkpoint` into the student engine; return (trainer_state, this rank's state)."""
+        trainer_state = checkpoint.trainer_state
+        saved_world = trainer_state["world_size"]
+        if saved_world != self.ctx.world_size:
+            raise RuntimeError(
+                f"{checkpoint.path} was written by {saved_world} ranks but this job has "
+                f"{self.ctx.world_size}: resume with {saved_world} ranks (ZeRO-3 shards are "
+                "per rank)"
+            )
+        load_path, _ = engine.load_checkpoint(str(checkpoint.path), tag=DEEPSPEED_TAG)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {checkpoint.path / DEEPSPEED_TAG}")
+        return trainer_state, checkpoint.rank_state(self.ctx.rank)
+
+    def _prune(self) -> None:
+        """Delete complete checkpoints beyond the `keep` newest, and stale unpublished folders."""
+        checkpoints = complete_checkpoints(self.root.parent)
+        for old in checkpoints[: -self.keep]:
+            shutil.rmtree(old.path)
+        newest = checkpoints[-1].step
+        for entry in self.root.iterdir():
+            match = re.fullmatch(r"(?:tmp-)?step-(\d{7,})", entry.name)
+            if match and int(match.group(1)) < newest and not (entry / COMPLETE_MARKER).is_file():
+                shutil.rmtree(entry)
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's python, numpy, torch (and CUDA) RNG states, as JSON-serialisable values."""
+    state = {
+        "python": _jsonable(random.getstate()),
+        "numpy": _jsonable(np.random.get_state()),
+        "torch": _encode_bytes(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_encode_bytes(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_decode_bytes(state["torch"]))
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all([_decode_bytes(s) for s in state["cuda"]])
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _encode_bytes(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.numpy().tobytes()).decode("ascii")
+
+
+def _decode_bytes(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root` to disk (cheap for files already flushed)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
