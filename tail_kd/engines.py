@@ -1,0 +1,414 @@
+"""The two DeepSpeed engines of a distillation job and the distillation forward.
+
+Teacher: a ZeRO-3 inference engine (`deepspeed.initialize` with no optimizer, as TRL's
+`prepare_deepspeed` does), in eval mode with gradients off; its weights are sharded over all ranks.
+Its forward returns the final hidden states only (`TeacherHiddenStates`).
+
+Student: a ZeRO-3 training engine around `StudentWithLoss`, whose forward runs the student's
+backbone and then the loss on both models' final hidden states and lm_head weights. The logits of
+the batch are never materialised (with the fused loss).
+
+Two ZeRO-3 details make the lm_head weights usable outside their own modules:
+
+- the student's lm_head weight (for tied models, the input embedding) is registered as an
+  *external parameter* of `StudentWithLoss` (`deepspeed.zero.register_external_parameter`), so
+  ZeRO-3 gathers it before the wrapper's forward and backward and keeps it gathered while the
+  loss runs; the gradient the loss returns for it reaches the partitioned parameter through the
+  usual ZeRO-3 reduce-scatter. The fused loss computes its gradients during the forward, so the
+  backward needs no weight.
+- the teacher's lm_head weight is gathered read-only (`GatheredParameters`, no modifier rank)
+  around the student's forward, and passed in as a plain tensor.
+
+DeepSpeed configs come from the recipe (`student_config`, `teacher_config`); a recipe's
+`deepspeed:` section is merged over the generated student config (and its `zero_optimization`,
+minus optimizer offload, over the teacher's), after `check_deepspeed_overrides` has rejected keys
+DeepSpeed does not know and keys the recipe owns.
+
+This module imports DeepSpeed: import it after `tail_kd.distributed.init_distributed`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from tail_kd.config import Recipe, RecipeError
+from tail_kd.distributed import DistContext
+from tail_kd.losses import (
+    IGNORE_INDEX,
+    TADLossOutput,
+    forward_kl,
+    fused_tad_loss,
+    reverse_kl,
+    tad_divergence,
+    teacher_top_k_mask,
+)
+
+__all__ = [
+    "check_deepspeed_overrides",
+    "student_config",
+    "teacher_config",
+    "model_dtype",
+    "warmup_cosine",
+    "loss_function",
+    "dense_reference_loss",
+    "TeacherHiddenStates",
+    "StudentWithLoss",
+    "Distiller",
+]
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed configs
+# ---------------------------------------------------------------------------------------------
+
+# Top-level keys of DeepSpeed's config (https://www.deepspeed.ai/docs/config-json/). A key your
+# DeepSpeed version supports but this list lacks can be added here.
+DEEPSPEED_KEYS = frozenset(
+    """
+    activation_checkpointing aio amp autotuning checkpoint comet comms_logger
+    communication_data_type compile compression_training csv_monitor curriculum_learning
+    data_efficiency data_types dataloader_drop_last disable_allgather disable_python_gc dump_state
+    elasticity flops_profiler gradient_allreduce_op gradient_predivide_factor hybrid_engine
+    log_level memory_breakdown nebula optimizer pipeline prescale_gradients
+    seq_parallel_communication_data_type sparse_attention sparse_gradients steps_per_print
+    tensor_parallel tensorboard timers torch_autocast use_data_before_expert_parallelism
+    wall_clock_breakdown wandb weight_quantization zero_allow_untested_optimizer
+    zero_force_ds_cpu_optimizer zero_optimization
+    """.split()
+)
+
+# Keys the recipe decides; setting them under `deepspeed:` would contradict it.
+RECIPE_OWNED_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size and train.micro_batch_size",
+    "gradient_clipping": "train.grad_clip",
+    "bf16": "train.precision",
+    "fp16": "train.precision (float16 is not supported; use bfloat16)",
+    "scheduler": "train.warmup_steps and train.min_lr_ratio (warm-up + cosine is built in)",
+}
+
+
+def check_deepspeed_overrides(extra: Mapping[str, Any]) -> None:
+    """Raise RecipeError for a `deepspeed:` key DeepSpeed does not know or the recipe owns."""
+    for key in extra:
+        if key in RECIPE_OWNED_KEYS:
+            raise RecipeError(
+                f"deepspeed.{key}: set by the recipe; use {RECIPE_OWNED_KEYS[key]} instead"
+            )
+        if key not in DEEPSPEED_KEYS:
+            close = difflib.get_close_matches(key, sorted(DEEPSPEED_KEYS), n=1)
+            hint = f" (did you mean 'deepspeed.{close[0]}'?)" if close else ""
+            raise RecipeError(f"deepspeed.{key}: not a DeepSpeed config key{hint}")
+
+
+def model_dtype(setting: str, device: str) -> torch.dtype:
+    """The dtype for a recipe's `precision`/`dtype` setting: auto is bf16 on GPU, fp32 on CPU."""
+    if setting == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
+
+
+def student_config(recipe: Recipe, world_size: int, device: str) -> dict[str, Any]:
+    """The student engine's DeepSpeed config: ZeRO-3, AdamW, clipping, batch split, precision.
+
+    The LR schedule is not here: `Distiller` passes DeepSpeed a warm-up + cosine LambdaLR.
+    AdamW is torch's (`torch_adam`), which runs everywhere without compiling DeepSpeed's fused
+    kernels; set `deepspeed: {optimizer: {params: {torch_adam: false}}}` for DeepSpeed's own
+    (FusedAdam on GPU, CPUAdam with optimizer offload).
+    """
+    check_deepspeed_overrides(recipe.deepspeed)
+    train = recipe.train
+    config = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": recipe.gradient_accumulation_steps(world_size),
+        "gradient_clipping": train.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": train.lr,
+                "betas": list(train.betas),
+                "eps": 1e-8,
+                "weight_decay": train.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "bf16": {"enabled": model_dtype(train.precision, device) == torch.bfloat16},
+        "zero_optimization": {"stage": 3},
+        "steps_per_print": 2**31 - 1,  # the trainer logs; silence DeepSpeed's own step lines
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, recipe.deepspeed)
+
+
+def teacher_config(student: Mapping[str, Any], teacher_dtype: torch.dtype) -> dict[str, Any]:
+    """The teacher's inference-engine config: the student's batch split and ZeRO-3 settings.
+
+    Optimizer offload has no meaning without an optimizer and is dropped; parameter offload and
+    the stage-3 bucket/persistence settings carry over.
+    """
+    zero = {k: v for k, v in student["zero_optimization"].items() if k != "offload_optimizer"}
+    keys = (
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "steps_per_print",
+    )
+    return {
+        **{k: student[k] for k in keys},
+        "zero_optimization": copy.deepcopy(zero),
+        "bf16": {"enabled": teacher_dtype == torch.bfloat16},
+    }
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` merged in recursively (extra wins; nested dicts merge key by key)."""
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier of optimizer step `step` (0-based): linear warm-up, then cosine to `min_ratio`.
+
+    Step warmup_steps - 1 runs at the full LR; the last step (total_steps - 1) at min_ratio.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps + 1) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices and embeddings; not biases or norm gains (1-D tensors), as in nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss, fused or dense
+# ---------------------------------------------------------------------------------------------
+
+LossFunction = Callable[..., TADLossOutput]
+
+
+def loss_function(recipe: Recipe, vocab_size: int, *, reference: bool = False) -> LossFunction:
+    """The loss as `fn(s_hidden, s_weight, t_hidden, t_weight, labels) -> TADLossOutput`.
+
+    The recipe's loss settings are bound; `reference=True` gives the dense reference instead of
+    the fused loss (full [tokens, V] logits: for checking and debugging only).
+    """
+    loss = recipe.loss
+    options = dict(
+        k=loss.k,
+        beta=loss.beta,
+        normalize=loss.normalize,
+        ce_weight=loss.ce_weight,
+        divergence=loss.divergence,
+        vocab_size=vocab_size,
+    )
+    if reference:
+        return functools.partial(dense_reference_loss, **options)
+    return functools.partial(fused_tad_loss, chunk_size=loss.chunk_size, **options)
+
+
+def dense_reference_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Tensor,
+    *,
+    k: int,
+    beta: float,
+    normalize: bool,
+    ce_weight: float,
+    divergence: str,
+    vocab_size: int,
+) -> TADLossOutput:
+    """What `fused_tad_loss` computes, from full logits with the dense functions and autograd."""
+    s_logits = (student_hidden @ student_weight[:vocab_size].T).float()
+    t_logits = (teacher_hidden @ teacher_weight[:vocab_size].T).float()
+    mask = labels != IGNORE_INDEX
+    ce = F.cross_entropy(
+        s_logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    per_token = {
+        "tad": lambda: tad_divergence(
+            s_logits, t_logits, mask, k=k, beta=beta, normalize=normalize
+        ),
+        "forward_kl": lambda: forward_kl(s_logits, t_logits, mask),
+        "reverse_kl": lambda: reverse_kl(s_logits, t_logits, mask),
+        "none": lambda: torch.zeros_like(ce).view_as(mask),
+    }[divergence]()
+    tail = ~teacher_top_k_mask(t_logits, k)
+    alpha_t = (t_logits.softmax(-1) * tail).sum(-1)
+    alpha_s = (s_logits.softmax(-1) * tail).sum(-1)
+    num_tokens = int(mask.sum())
+
+    def mean(x: Tensor) -> Tensor:
+        return (x.view_as(mask) * mask).sum() / max(num_tokens, 1)
+
+    loss = ce_weight * mean(ce) + mean(per_token)
+    stats = [
+        mean(x).detach()
+        for x in (ce, per_token, forward_kl(s_logits, t_logits, mask), alpha_t, alpha_s)
+    ]
+    return TADLossOutput(loss, *stats, num_tokens=num_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class TeacherHiddenStates(nn.Module):
+    """A causal LM reduced to its backbone: input ids -> final hidden states [B, T, H]."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        )
+        return out.last_hidden_state
+
+
+class StudentWithLoss(nn.Module):
+    """The student's training forward: backbone -> final hidden states -> distillation loss.
+
+    Position t's hidden state predicts the token at t + 1: the loss sees hidden[:, :-1] against
+    labels[:, 1:] (labels follow the Hugging Face convention, aligned with input_ids, -100 = none).
+    Returns a dict of tensors (DeepSpeed's ZeRO-3 hooks only look inside tuples, lists and dicts):
+    `loss` (differentiable) and detached means over valid tokens: `ce`, `divergence`,
+    `kl_to_teacher`, `teacher_tail_mass`, `student_tail_mass`, `student_topk_mass`; `num_tokens`.
+    """
+
+    def __init__(self, student: PreTrainedModel, loss_fn: LossFunction):
+        super().__init__()
+        self.student = student
+        self.loss_fn = loss_fn
+        # Used by the loss, outside the lm_head's own forward: let ZeRO-3 gather it for this module.
+        deepspeed.zero.register_external_parameter(self, self.lm_head_weight)
+
+    @property
+    def lm_head_weight(self) -> nn.Parameter:
+        return self.student.get_output_embeddings().weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+    ) -> dict[str, Tensor]:
+        out = self.student.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        )
+        weight = self.lm_head_weight
+        if not torch.is_grad_enabled():  # evaluation: spare the fused loss its in-pass gradients
+            weight = weight.detach()
+        result = self.loss_fn(
+            out.last_hidden_state[:, :-1],
+            weight,
+            teacher_hidden[:, :-1],
+            teacher_weight,
+            labels[:, 1:],
+        )
+        return {
+            "loss": result.loss,
+            "ce": result.ce,
+            "divergence": result.divergence,
+            "kl_to_teacher": result.kl_to_teacher,
+            "teacher_tail_mass": result.teacher_tail_mass,
+            "student_tail_mass": result.student_tail_mass,
+            "student_topk_mass": result.student_topk_mass,
+            "num_tokens": torch.tensor(float(result.num_tokens), device=result.loss.device),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------------------------
+
+
+class Distiller:
+    """The teacher and student engines, and one distillation forward on a micro-batch.
+
+    Build it on every rank with the (unpartitioned) teacher and student; `deepspeed.initialize`
+    shards both. Then per micro-batch: `out = distiller.forward(batch)`,
+    `distiller.student.backward(out["loss"])`, and `distiller.student.step()` (a no-op except at
+    the gradient-accumulation boundary).
+    """
+
+    def __init__(
+        self,
+        teacher: PreTrainedModel,
+        student: PreTrainedModel,
+        recipe: Recipe,
+        ctx: DistContext,
+        loss_fn: LossFunction,
+    ):
+        device = ctx.device.type
+        ds_student = student_config(recipe, ctx.world_size, device)
+        if recipe.train.activation_checkpointing:
+            student.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        schedule = functools.partial(
+            warmup_cosine,
+            warmup_steps=recipe.train.warmup_steps,
+            total_steps=recipe.train.steps,
+            min_ratio=recipe.train.min_lr_ratio,
+        )
+        model = StudentWithLoss(student, loss_fn)
+        self.student, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=_weight_decay_groups(model, recipe.train.weight_decay),
+            config=ds_student,
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        )
+        teacher.requires_grad_(False)
+        self.teacher, *_ = deepspeed.initialize(
+            model=TeacherHiddenStates(teacher), config=teacher_config(ds_student, teacher.dtype)
+        )
+        self.teacher.eval()
+        self.device = ctx.device
+
+    @property
+    def teacher_lm_head(self) -> nn.Parameter:
+        return self.teacher.module.model.get_output_embeddings().weight
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Teacher hidden states (no autograd), then the student's loss forward: one micro-batch."""
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        with torch.no_grad():
+            teacher_hidden = self.teacher(input_ids, attention_mask)
+        teacher_head = self.teacher_lm_head
+        with deepspeed.zero.GatheredParameters([teacher_head]):  # read-only: no modifier_rank
+            return self.student(
+                input_ids, attention_mask, labels, teacher_hidden, teacher_head.data
+            )
