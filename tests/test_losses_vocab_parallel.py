@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tail_kd.losses import fused_tad_loss
+from tail_kd.losses.vocab_parallel import top_k_values
 from test_losses_fused import dense_reference, loss_and_grads, make_batch
 
 CASES = [
@@ -67,3 +68,15 @@ def test_vocab_parallel_equals_single_process(tmp_path, world):
             if real_hi > lo:
                 expected[: real_hi - lo] = ref_grad_w[lo:real_hi]
             torch.testing.assert_close(grad_w, expected, rtol=1e-10, atol=1e-12, msg=msg)
+
+
+@pytest.mark.parametrize("n, k", [(5000, 10), (5000, 1), (1300, 50), (129, 3), (300, 10), (40, 40)])
+def test_block_top_k_values_equal_torch_topk(n, k):
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(16, n, generator=g)
+    x[3] = torch.randint(0, 5, (n,), generator=g).float()  # massive ties
+    x[4, :] = 1.0
+    x[5, -7:] = 100.0  # the largest values in the ragged end
+    torch.testing.assert_close(top_k_values(x, k), x.topk(k, dim=-1).values, rtol=0, atol=0)
+    bf = x.bfloat16()
+    torch.testing.assert_close(top_k_values(bf, k), bf.topk(k, dim=-1).values, rtol=0, atol=0)

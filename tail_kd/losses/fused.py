@@ -143,11 +143,11 @@ def fused_tad_loss(
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
     spec = _Spec(divergence, k, float(beta), normalize, float(ce_weight), int(chunk_size), bool(compile))
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec)
+    info: dict = {}  # filled by forward with host-side facts (no extra device sync)
     loss, stats = _FusedDistillationLoss.apply(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec, vocab_size, group
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec, vocab_size, group, info
     )
-    num_tokens = int((labels != IGNORE_INDEX).sum())
-    return TADLossOutput(loss, *stats.unbind(), num_tokens=num_tokens)
+    return TADLossOutput(loss, *stats.unbind(), num_tokens=info["num_tokens"])
 
 
 def _check_inputs(s_hidden, s_weight, t_hidden, t_weight, labels, spec: _Spec) -> None:
@@ -179,7 +179,7 @@ class _FusedDistillationLoss(torch.autograd.Function):
     """Forward computes the loss and all gradients; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, labels, spec: _Spec, vocab_size, group):
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, labels, spec: _Spec, vocab_size, group, info):
         shards = VocabShards(s_weight.shape[0], vocab_size, group)
         if spec.uses_teacher:
             t_shards = VocabShards(t_weight.shape[0], vocab_size, group)
@@ -194,7 +194,8 @@ class _FusedDistillationLoss(torch.autograd.Function):
         flat_labels = labels.reshape(-1)
         valid = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
         targets = flat_labels.index_select(0, valid)
-        if targets.numel() and (targets.min() < 0 or targets.max() >= shards.vocab_size):
+        info["num_tokens"] = valid.numel()
+        if ((targets < 0) | (targets >= shards.vocab_size)).any():
             raise ValueError(
                 f"labels must lie in [0, {shards.vocab_size}) or be {IGNORE_INDEX}; got values in "
                 f"[{int(targets.min())}, {int(targets.max())}]"
@@ -229,7 +230,6 @@ class _FusedDistillationLoss(torch.autograd.Function):
             sums[: terms.shape[1]] += terms.sum(0)
             if grad_logits is None:
                 continue
-            grad_logits = grad_logits.to(s_w.dtype)
             if want_grad_h:
                 grad_h[start:end] = shards.sum_(grad_logits @ s_w)
             if want_grad_w:
@@ -254,12 +254,13 @@ class _FusedDistillationLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        def scaled(grad):
-            return grad if grad is None or bool(grad_loss == 1) else grad * grad_loss
-
-        grad_h = scaled(getattr(ctx, "grad_h", None))
-        grad_w = scaled(getattr(ctx, "grad_w", None))
-        return grad_h, grad_w, None, None, None, None, None, None
+        # In place: the gradients were made for this call alone (no double backward).
+        grad_h = getattr(ctx, "grad_h", None)
+        grad_w = getattr(ctx, "grad_w", None)
+        for grad in (grad_h, grad_w):
+            if grad is not None:
+                grad.mul_(grad_loss.to(grad.dtype))
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def _plan_chunks(seq_ids: Tensor, batch: int, spec: _Spec) -> tuple[list[tuple[int, int]], list[int]]:
@@ -310,9 +311,8 @@ def _teacher_prepass(t_h, t_w, seq_ids, long_seqs, seq_mean_alpha, spec: _Spec, 
     for start in range(0, index.numel(), spec.chunk_size):
         rows = index[start : start + spec.chunk_size]
         t = t_h[rows] @ t_w.T
-        lse = shards.logsumexp(kernels.logsumexp(t, dtype).unsqueeze(1))
-        tail, _ = kernels.tail_logsumexp(t, t, _kth_largest(t, spec.k, shards, dtype), dtype)
-        sums.index_add_(0, seq_ids[rows], (shards.logsumexp(tail.unsqueeze(1)) - lse).squeeze(1).exp())
+        norm = shards.logsumexp(kernels.normalisers(t, t, _kth_largest(t, spec.k, shards, dtype), dtype, True))
+        sums.index_add_(0, seq_ids[rows], (norm[:, 2] - norm[:, 0]).exp())
     counts = torch.bincount(seq_ids[index], minlength=seq_mean_alpha.numel()).to(dtype)
     seq_mean_alpha[long_ids] = sums[long_ids] / counts[long_ids]
 
@@ -331,28 +331,31 @@ def _chunk(s_h, s_w, t_h, t_w, targets, seq_ids, seq_mean_alpha, spec: _Spec, sh
     s = s_h @ s_w.T  # raw logits in the weights' dtype; the kernels upcast as they read
     local_y, owned = shards.local_labels(targets)
     label_logit = shards.sum_(_pick(s, local_y, owned).to(dtype))
+    ce_owned = spec.ce_weight * owned.to(dtype)  # the one-hot part of the CE gradient, where owned
+    grad_args = (local_y, ce_owned, dtype, s_w.dtype)
 
     if not spec.uses_teacher:  # CE only: gradient ce_weight * (q - onehot(y))
         s_lse = shards.logsumexp(kernels.logsumexp(s, dtype).unsqueeze(1)).squeeze(1)
-        grad = kernels.softmax_grad(s, s_lse, spec.ce_weight, dtype) if want_grad else None
-        return (s_lse - label_logit).unsqueeze(1), _subtract_label(grad, local_y, owned, spec.ce_weight)
+        grad = kernels.softmax_grad(s, s_lse, spec.ce_weight, *grad_args) if want_grad else None
+        return (s_lse - label_logit).unsqueeze(1), grad
 
     t = t_h @ t_w.T
-    lse = shards.logsumexp(torch.stack([kernels.logsumexp(t, dtype), kernels.logsumexp(s, dtype)], 1))
-    ce = lse[:, 1] - label_logit
     thr = _kth_largest(t, spec.k, shards, dtype)
-    if spec.k is None:  # no top-K: the "tail" is the whole vocabulary
-        tail_lse = lse
-    else:
-        tail_lse = shards.logsumexp(torch.stack(kernels.tail_logsumexp(t, s, thr, dtype), 1))
-    log_alpha = tail_lse - lse  # (log alpha_T, log alpha_S)
-    alpha_t, alpha_s = log_alpha.exp().unbind(1)
+    # (log Z_T, log Z_S, log Z_T,tail, log Z_S,tail), combined over the vocabulary shards
+    norm = shards.logsumexp(kernels.normalisers(t, s, thr, dtype, spec.k is not None))
+    ce = norm[:, 1] - label_logit
+    log_alpha_t, log_alpha_s = norm[:, 2] - norm[:, 0], norm[:, 3] - norm[:, 1]
+    alpha_t, alpha_s = log_alpha_t.exp(), log_alpha_s.exp()
+    has_tail = torch.isfinite(norm[:, 2]) & torch.isfinite(norm[:, 3])
+    # No tail token (K >= V, or ties): normalise the empty tail by log Z instead of -inf, which
+    # only keeps the arithmetic finite; alpha = 0 there zeroes every tail term.
+    norm[:, 2:] = torch.where(has_tail.unsqueeze(1), norm[:, 2:], norm[:, :2])
 
     if spec.divergence == "reverse_kl":
-        rkl, fkl = shards.sum_(torch.stack(kernels.reverse_kl_terms(t, s, lse, dtype), 1)).unbind(1)
+        rkl, fkl = shards.sum_(torch.stack(kernels.reverse_kl_terms(t, s, norm, dtype), 1)).unbind(1)
         terms = torch.stack([ce, rkl, fkl, alpha_t, alpha_s], dim=1)
-        grad = kernels.reverse_kl_grad(t, s, lse, rkl, spec.ce_weight, dtype) if want_grad else None
-        return terms, _subtract_label(grad, local_y, owned, spec.ce_weight)
+        grad = kernels.reverse_kl_grad(t, s, norm, rkl, spec.ce_weight, *grad_args) if want_grad else None
+        return terms, grad
 
     if spec.divergence == "tad":
         omega = spec.beta * alpha_t
@@ -366,16 +369,13 @@ def _chunk(s_h, s_w, t_h, t_w, targets, seq_ids, seq_mean_alpha, spec: _Spec, sh
     kd = 0.0 if spec.divergence == "none" else 1.0
     a_top = torch.full_like(omega, kd + spec.ce_weight)
     coef = torch.stack([a_top, torch.full_like(omega, kd), a_top * alpha_s - kd * alpha_t + omega, omega], 1)
-    t_norm = torch.stack([lse[:, 0], tail_lse[:, 0]], 1)
-    s_norm = torch.stack([lse[:, 1], tail_lse[:, 1]], 1)
-    top_sum, tail_sum, grad = kernels.tad_terms(t, s, thr, t_norm, s_norm, coef, dtype, want_grad)
+    top_sum, tail_sum, grad = kernels.tad_terms(t, s, thr, norm, coef, *grad_args, want_grad)
     top_sum, d2 = shards.sum_(torch.stack([top_sum, tail_sum], 1)).unbind(1)
 
-    has_tail = torch.isfinite(tail_lse[:, 0])
-    bucket = torch.where(has_tail, alpha_t * (log_alpha[:, 0] - log_alpha[:, 1]), 0.0)
+    bucket = torch.where(has_tail, alpha_t * (log_alpha_t - log_alpha_s), 0.0)
     d1 = top_sum + bucket  # without a top-K everything is "tail": alpha = 1, D1 = 0, D2 = KL
     terms = torch.stack([ce, d1 + omega * d2, d1 + alpha_t * d2, alpha_t, alpha_s], dim=1)
-    return terms, _subtract_label(grad, local_y, owned, spec.ce_weight)
+    return terms, grad
 
 
 def _pick(logits: Tensor, local_y: Tensor, owned: Tensor) -> Tensor:
@@ -383,10 +383,3 @@ def _pick(logits: Tensor, local_y: Tensor, owned: Tensor) -> Tensor:
     if logits.shape[1] == 0:
         return logits.new_zeros(logits.shape[0])
     return logits.gather(1, local_y.unsqueeze(1)).squeeze(1) * owned
-
-
-def _subtract_label(grad: Tensor | None, local_y: Tensor, owned: Tensor, ce_weight: float):
-    """grad[i, y_i] -= ce_weight on the rank that owns y_i (the one-hot part of the CE gradient)."""
-    if grad is not None and grad.shape[1] and ce_weight:
-        grad.scatter_add_(1, local_y.unsqueeze(1), (-ce_weight * owned.to(grad.dtype)).unsqueeze(1))
-    return grad

@@ -22,28 +22,49 @@ from torch import Tensor
 __all__ = ["Kernels"]
 
 
-def logsumexp(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """log Z over this slice [c]."""
-    return x.to(dtype).logsumexp(-1)
+def _shifted_logsumexp(x: Tensor, keep: Tensor | None) -> Tensor:
+    """logsumexp of x over the kept entries [c] (-inf if none), shifted by their own maximum."""
+    if keep is not None:
+        x = torch.where(keep, x, float("-inf"))
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)  # no entry kept: any finite shift gives log 0 = -inf
+    return (x - m).exp().sum(-1).log() + m.squeeze(-1)
 
 
-def tail_logsumexp(t: Tensor, s: Tensor, thr: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """log Z_T,tail and log Z_S,tail over this slice [c] (-inf where the slice has no tail token)."""
+def normalisers(t: Tensor, s: Tensor, thr: Tensor, dtype: torch.dtype, with_tail: bool) -> Tensor:
+    """[c, 4] = (log Z_T, log Z_S, log Z_T,tail, log Z_S,tail) over this slice.
+
+    Each sum is shifted by the maximum of its own entries, so a tail is exact however far below
+    the top-K it lies (the sequence normalisation gives even a 1e-300 tail full weight). -inf
+    where the slice has no tail token. Without a top-K (with_tail=False) the tail is everything.
+    Compiled, the eight reductions share two reads of the chunk.
+    """
+    if t.shape[-1] == 0:  # a vocabulary shard made only of padding rows
+        return t.new_full((t.shape[0], 4), float("-inf"), dtype=dtype)
     t, s = t.to(dtype), s.to(dtype)
-    top = t >= thr.unsqueeze(-1)
-    return t.masked_fill(top, float("-inf")).logsumexp(-1), s.masked_fill(top, float("-inf")).logsumexp(-1)
+    lse = [_shifted_logsumexp(t, None), _shifted_logsumexp(s, None)]
+    if not with_tail:
+        return torch.stack(lse * 2, 1)
+    tail = t < thr.unsqueeze(-1)
+    return torch.stack(lse + [_shifted_logsumexp(t, tail), _shifted_logsumexp(s, tail)], 1)
 
 
-def tad_terms(t, s, thr, t_norm, s_norm, coef, dtype: torch.dtype, want_grad: bool):
+def _minus_onehot(grad: Tensor, target: Tensor, ce_owned: Tensor) -> Tensor:
+    """grad - ce_weight [j = y] on the rank owning y; ce_owned [c] = ce_weight or 0."""
+    cols = torch.arange(grad.shape[-1], device=grad.device)
+    return grad - torch.where(cols == target.unsqueeze(-1), ce_owned.unsqueeze(-1), 0.0)
+
+
+def tad_terms(t, s, thr, norm, coef, target, ce_owned, dtype: torch.dtype, grad_dtype, want_grad: bool):
     """Sums of r log(r / r^s) over T_K and over the tail [c], and the logit gradient [c, V_r].
 
-    t_norm, s_norm: [c, 2] = (log Z, log Z_tail) of teacher and student.
-    coef: [c, 4] = (A_top, B_top, A_tail, B_tail); the gradient is A r^s - B r, region by region.
+    norm: [c, 4] from `normalisers`. coef: [c, 4] = (A_top, B_top, A_tail, B_tail); the gradient is
+    A r^s - B r, region by region, minus the one-hot part of the CE gradient, cast to grad_dtype.
     """
     t, s = t.to(dtype), s.to(dtype)
     top = t >= thr.unsqueeze(-1)
-    log_r = t - torch.where(top, t_norm[:, :1], t_norm[:, 1:])
-    log_rs = s - torch.where(top, s_norm[:, :1], s_norm[:, 1:])
+    log_r = t - torch.where(top, norm[:, 0:1], norm[:, 2:3])
+    log_rs = s - torch.where(top, norm[:, 1:2], norm[:, 3:4])
     r = log_r.exp()
     pointwise = r * (log_r - log_rs)
     top_sum = torch.where(top, pointwise, 0.0).sum(-1)
@@ -52,34 +73,41 @@ def tad_terms(t, s, thr, t_norm, s_norm, coef, dtype: torch.dtype, want_grad: bo
         return top_sum, tail_sum, None
     a = torch.where(top, coef[:, 0:1], coef[:, 2:3])
     b = torch.where(top, coef[:, 1:2], coef[:, 3:4])
-    return top_sum, tail_sum, a * log_rs.exp() - b * r
+    grad = _minus_onehot(a * log_rs.exp() - b * r, target, ce_owned)
+    return top_sum, tail_sum, grad.to(grad_dtype)
 
 
-def reverse_kl_terms(t, s, lse, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """sum q log(q/p) and sum p log(p/q) over this slice [c]; lse: [c, 2] = (log Z_T, log Z_S)."""
-    log_p = t.to(dtype) - lse[:, :1]
-    log_q = s.to(dtype) - lse[:, 1:]
+def reverse_kl_terms(t, s, norm, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """sum q log(q/p) and sum p log(p/q) over this slice [c]; norm [c, 4] from `normalisers`."""
+    log_p = t.to(dtype) - norm[:, 0:1]
+    log_q = s.to(dtype) - norm[:, 1:2]
     log_ratio = log_q - log_p
     return (log_q.exp() * log_ratio).sum(-1), -(log_p.exp() * log_ratio).sum(-1)
 
 
-def reverse_kl_grad(t, s, lse, rkl, ce_weight: float, dtype: torch.dtype) -> Tensor:
-    """q_j (log q_j - log p_j - KL(q||p)) + ce_weight q_j  [c, V_r] (the one-hot part comes later)."""
-    log_p = t.to(dtype) - lse[:, :1]
-    log_q = s.to(dtype) - lse[:, 1:]
-    return log_q.exp() * (log_q - log_p - rkl.unsqueeze(-1) + ce_weight)
+def reverse_kl_grad(t, s, norm, rkl, ce_weight: float, target, ce_owned, dtype, grad_dtype) -> Tensor:
+    """q_j (log q_j - log p_j - KL(q||p)) + ce_weight (q_j - [j = y])  [c, V_r]."""
+    log_p = t.to(dtype) - norm[:, 0:1]
+    log_q = s.to(dtype) - norm[:, 1:2]
+    grad = log_q.exp() * (log_q - log_p - rkl.unsqueeze(-1) + ce_weight)
+    return _minus_onehot(grad, target, ce_owned).to(grad_dtype)
 
 
-def softmax_grad(s, s_lse, ce_weight: float, dtype: torch.dtype) -> Tensor:
-    """ce_weight q_j [c, V_r]: the CE gradient without its one-hot part."""
-    return ce_weight * (s.to(dtype) - s_lse.unsqueeze(-1)).exp()
+def softmax_grad(s, s_lse, ce_weight: float, target, ce_owned, dtype, grad_dtype) -> Tensor:
+    """ce_weight (q_j - [j = y])  [c, V_r]: the gradient of CE alone."""
+    grad = ce_weight * (s.to(dtype) - s_lse.unsqueeze(-1)).exp()
+    return _minus_onehot(grad, target, ce_owned).to(grad_dtype)
+
+
+def logsumexp(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """log Z over this slice [c]."""
+    return x.to(dtype).logsumexp(-1)
 
 
 class Kernels:
     """The functions above, eager or compiled (dynamic shapes: chunks differ in length)."""
 
-    _NAMES = ("logsumexp", "tail_logsumexp", "tad_terms", "reverse_kl_terms", "reverse_kl_grad",
-              "softmax_grad")
+    _NAMES = ("logsumexp", "normalisers", "tad_terms", "reverse_kl_terms", "reverse_kl_grad", "softmax_grad")
 
     def __init__(self, compiled: bool):
         for name in self._NAMES:
