@@ -98,7 +98,9 @@ def top_k_values(x: Tensor, k: int, block: int = 128) -> Tensor:
     """
     c, n = x.shape
     n_blocks = n // block
-    if n_blocks <= 2 * k:
+    # Measured: 2.7x faster than one topk on a 2-core CPU at V=152k, but 2.2x slower on an H200,
+    # where torch.topk's radix select is already one pass over the row.
+    if x.is_cuda or n_blocks <= 2 * k:
         return x.topk(k, dim=-1).values
     blocks = x[:, : n_blocks * block].view(c, n_blocks, block)
     best = blocks.amax(-1).topk(k, dim=-1).indices
