@@ -194,7 +194,7 @@ def print_table(results, args):
             def ratio(a, b):
                 return f"{a / b:.2f}" if b else "-"
 
-            print(f"{vocab:>7} {r['variant']:<15} {r['loss']:>9.4f} {r['time_ms']:>9.0f} {r['peak_extra_mb']:>9.0f} "
+            print(f"{vocab:>7} {r['variant']:<15} {r['loss']:>9.4f} {r['time_ms']:>9.1f} {r['peak_extra_mb']:>9.0f} "
                   f"{ratio(r['time_ms'], best_liger_t):>8} {ratio(r['time_ms'], fused_kl_t):>10} "
                   f"{ratio(r['peak_extra_mb'], best_liger_m):>9} {ratio(r['peak_extra_mb'], rows.get('dense', {}).get('peak_extra_mb')):>9}")
     print("t/liger, mem/liger: against the best Liger variant (eager or compiled); t/fused_kl: against the "
