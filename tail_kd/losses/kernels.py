@@ -22,31 +22,39 @@ from torch import Tensor
 __all__ = ["Kernels"]
 
 
-def _shifted_logsumexp(x: Tensor, keep: Tensor | None) -> Tensor:
-    """logsumexp of x over the kept entries [c] (-inf if none), shifted by their own maximum."""
-    if keep is not None:
-        x = torch.where(keep, x, float("-inf"))
+def _region_logsumexps(x: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
+    """(logsumexp over the row, logsumexp over the tail) [c], with one exp per entry.
+
+    Each region is shifted by its own maximum, m (the row's) and m_tail (the tail's), so a tail
+    is exact however far below the top-K it lies: the sequence normalisation gives even a 1e-300
+    tail full weight. An entry's exp e = exp(x - its region's shift) serves both sums:
+    sum_V e^(x - m) = sum_top e + e^(m_tail - m) sum_tail e.   (-inf where the tail is empty)
+    """
     m = x.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, 0.0)  # no entry kept: any finite shift gives log 0 = -inf
-    return (x - m).exp().sum(-1).log() + m.squeeze(-1)
+    m_tail = torch.where(top, float("-inf"), x).amax(-1, keepdim=True)
+    m_tail = torch.where(torch.isfinite(m_tail), m_tail, m)  # empty tail: any finite shift will do
+    e = (x - torch.where(top, m, m_tail)).exp()
+    z_top = torch.where(top, e, 0.0).sum(-1, keepdim=True)
+    z_tail = torch.where(top, 0.0, e).sum(-1, keepdim=True)
+    lse = (z_top + z_tail * (m_tail - m).exp()).log() + m
+    return lse.squeeze(-1), (z_tail.log() + m_tail).squeeze(-1)
 
 
 def normalisers(t: Tensor, s: Tensor, thr: Tensor, dtype: torch.dtype, with_tail: bool) -> Tensor:
     """[c, 4] = (log Z_T, log Z_S, log Z_T,tail, log Z_S,tail) over this slice.
 
-    Each sum is shifted by the maximum of its own entries, so a tail is exact however far below
-    the top-K it lies (the sequence normalisation gives even a 1e-300 tail full weight). -inf
-    where the slice has no tail token. Without a top-K (with_tail=False) the tail is everything.
-    Compiled, the eight reductions share two reads of the chunk.
+    Without a top-K (with_tail=False) the tail is the whole vocabulary. Compiled, this reads the
+    chunk twice (maxima, then sums) and takes one exp per logit.
     """
     if t.shape[-1] == 0:  # a vocabulary shard made only of padding rows
         return t.new_full((t.shape[0], 4), float("-inf"), dtype=dtype)
     t, s = t.to(dtype), s.to(dtype)
-    lse = [_shifted_logsumexp(t, None), _shifted_logsumexp(s, None)]
     if not with_tail:
+        lse = [t.logsumexp(-1), s.logsumexp(-1)]
         return torch.stack(lse * 2, 1)
-    tail = t < thr.unsqueeze(-1)
-    return torch.stack(lse + [_shifted_logsumexp(t, tail), _shifted_logsumexp(s, tail)], 1)
+    top = t >= thr.unsqueeze(-1)
+    (t_lse, t_tail), (s_lse, s_tail) = _region_logsumexps(t, top), _region_logsumexps(s, top)
+    return torch.stack([t_lse, s_lse, t_tail, s_tail], 1)
 
 
 def _minus_onehot(grad: Tensor, target: Tensor, ce_owned: Tensor) -> Tensor:
