@@ -1,0 +1,120 @@
+"""What a person watching the run sees: TensorBoard scalars, a progress bar, one line per log step.
+
+Everything here happens on rank 0 only; on other ranks a `Monitor` does nothing. The TensorBoard
+run lives in `<log.tensorboard_dir>/<run_name>`. A resumed run reopens it with
+`purge_step = resumed step + 1`, so points logged after the checkpoint by the interrupted run are
+dropped and the curve continues as one line.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping
+
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+__all__ = ["Monitor", "TRAIN_SCALARS", "EVAL_SCALARS", "format_metrics"]
+
+# Logged as train/<name> at every log step, and eval/<name> at every evaluation.
+TRAIN_SCALARS = (
+    "loss",
+    "ce",
+    "divergence",
+    "kl_to_teacher",
+    "teacher_tail_mass",
+    "student_tail_mass",
+    "student_topk_mass",
+    "lr",
+    "grad_norm",
+    "tokens_per_sec",
+)
+EVAL_SCALARS = ("ce", "kl_to_teacher")
+
+_SHORT_NAMES = {
+    "loss": "loss",
+    "ce": "ce",
+    "divergence": "div",
+    "kl_to_teacher": "kl",
+    "teacher_tail_mass": "tailT",
+    "student_tail_mass": "tailS",
+    "lr": "lr",
+    "grad_norm": "gnorm",
+    "tokens_per_sec": "tok/s",
+}
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """`loss 3.2101 | ce 2.9012 | ... | lr 1.00e-04 | tok/s 351` for the names known here."""
+    parts = []
+    for name, short in _SHORT_NAMES.items():
+        if name not in metrics:
+            continue
+        value = metrics[name]
+        if name == "lr":
+            text = f"{value:.2e}"
+        elif name == "tokens_per_sec":
+            text = f"{value:.0f}"
+        else:
+            text = f"{value:.4f}" if math.isfinite(value) else str(value)
+        parts.append(f"{short} {text}")
+    return " | ".join(parts)
+
+
+class Monitor:
+    """Rank 0's TensorBoard writer, tqdm bar and log lines; inert on other ranks."""
+
+    def __init__(self, enabled: bool, log_dir: str | Path, total_steps: int, start_step: int):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.log_dir = Path(log_dir)
+        if not enabled:
+            return
+        purge = start_step + 1 if start_step > 0 else None
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=purge, flush_secs=30)
+        # disable=None: a bar on a terminal, none in a log file (the per-step lines remain).
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="distil",
+            unit="step",
+            dynamic_ncols=True,
+            disable=None,
+        )
+
+    def print(self, message: str) -> None:
+        """A line on rank 0's console that does not break the progress bar."""
+        if self.enabled:
+            tqdm.write(message)
+
+    def advance(self, step: int) -> None:
+        """Move the bar to `step`."""
+        if self.enabled:
+            self.bar.update(step - self.bar.n)
+
+    def log_train(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Write train/<name> scalars and print the step's summary line."""
+        if not self.enabled:
+            return
+        for name in TRAIN_SCALARS:
+            self.writer.add_scalar(f"train/{name}", metrics[name], step)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        self.print(f"step {step}/{self.total_steps} | {format_metrics(metrics)}")
+
+    def log_eval(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Write eval/<name> scalars and print them."""
+        if not self.enabled:
+            return
+        for name in EVAL_SCALARS:
+            self.writer.add_scalar(f"eval/{name}", metrics[name], step)
+        self.print(f"eval at step {step} | {format_metrics(metrics)}")
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
