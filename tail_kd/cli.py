@@ -1,0 +1,112 @@
+"""The `tail-kd` command: `train`, `export` and `prepare-data`.
+
+    tail-kd train RECIPE.yaml [--nproc N] [train options]    (see `python -m tail_kd.train -h`)
+    tail-kd export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16]
+    tail-kd prepare-data RECIPE.yaml [--set KEY=VALUE ...]
+
+`train` runs in this process for one rank. With `--nproc N` it validates the recipe, then starts N
+local ranks through the DeepSpeed launcher (`deepspeed --num_gpus N --module tail_kd.train ...`,
+with `DS_ACCELERATOR=cpu` when the recipe runs on the CPU) and returns its exit status;
+SIGUSR1 and SIGTERM sent to `tail-kd` are passed on to the ranks (see tail_kd/train.py for what
+they do). For multi-node jobs use the launchers directly (slurm/).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Sequence
+
+import psutil
+
+__all__ = ["main"]
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return _train(rest)
+    if command == "export":
+        from tail_kd.export import main as export_main
+
+        return export_main(rest)
+    if command == "prepare-data":
+        from tail_kd.data.prepare import main as prepare_main
+
+        return prepare_main(rest)
+    print(f"tail-kd: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def _train(argv: list[str]) -> int:
+    from tail_kd import train
+    from tail_kd.distributed import free_port, resolve_device
+
+    parser = train.build_parser(prog="tail-kd train")
+    parser.add_argument(
+        "--nproc", type=int, metavar="N", help="start N local ranks through the DeepSpeed launcher"
+    )
+    args = parser.parse_args(argv)
+    if args.nproc is None:
+        return train.run(args)
+    try:  # the recipe and its batch split, checked before any process starts
+        recipe = train.recipe_from_args(args)
+        recipe.check_world_size(args.nproc)
+    except train.RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return train.EXIT_USAGE
+    env = dict(os.environ)
+    if resolve_device(recipe.device) == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc),
+        "--master_port", str(free_port()), "--module", "tail_kd.train", *_without_nproc(argv),
+    ]  # fmt: skip
+    launcher = subprocess.Popen(command, env=env)
+    _forward_signals_to_ranks(launcher)
+    return launcher.wait()
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """`argv` without `--nproc N` / `--nproc=N` (the ranks' own command line)."""
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            rest.append(item)
+    return rest
+
+
+def _forward_signals_to_ranks(launcher: subprocess.Popen) -> None:
+    """Pass SIGUSR1/SIGTERM on to the rank processes only: the DeepSpeed launcher processes in
+    between would die of SIGUSR1, and on SIGTERM kill the ranks 30 s later, checkpoint or not."""
+
+    def is_rank(process: psutil.Process) -> bool:
+        cmdline = process.cmdline()
+        return "-m" in cmdline[:-1] and cmdline[cmdline.index("-m") + 1] == "tail_kd.train"
+
+    def forward(signum: int, _frame: object) -> None:
+        for process in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                if is_rank(process):
+                    process.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, forward)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

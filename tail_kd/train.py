@@ -1,0 +1,438 @@
+"""`python -m tail_kd.train RECIPE.yaml [options]`: one distillation run, under any launcher.
+
+    python -m tail_kd.train recipes/tiny/tad.yaml --set device=cpu          # one process
+    deepspeed --num_gpus 2 --module tail_kd.train recipes/tiny/tad.yaml      # N local ranks
+    torchrun --nproc-per-node 2 -m tail_kd.train recipes/tiny/tad.yaml
+    srun python -m tail_kd.train recipes/tiny/tad.yaml                       # ranks from SLURM_*
+
+Order of work: the recipe, the batch split and the output directory are checked first, then the
+process group is joined; then, on every rank, the teacher is resolved (rank 0 converts a GGUF
+file first, the others reuse it), the student built, the vocabularies checked, the data
+tokenised (rank 0 first, into a shared cache) and the two DeepSpeed engines created. A run with
+`--resume` continues from the newest complete checkpoint of its output directory (or starts
+fresh when there is none, so a requeued job can always pass it).
+
+Exit status:
+    0   the run finished (`DONE` is written in the output directory), or stopped as asked by
+        `--stop-after-steps` (with a checkpoint, without `DONE`)
+    1   an error (traceback), or another rank's error (that rank reports it)
+    2   the recipe, the command line, the output directory, the data or the models cannot be
+        used (a message on stderr, no traceback)
+    75  stopped by SIGUSR1, SIGTERM or SIGINT: the current step finished, a checkpoint was written;
+        rerun with `--resume` to continue (75 is EX_TEMPFAIL, "try again later")
+
+On a signal every rank finishes its current optimizer step; the ranks then agree (one all-reduce
+per step) to stop after that same step. A second signal kills the process at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import datasets
+import torch
+from transformers.utils import logging as hf_logging
+
+from tail_kd.checkpoint import (
+    CHECKPOINTS_DIR,
+    Checkpoint,
+    CheckpointManager,
+    capture_rng,
+    restore_rng,
+)
+from tail_kd.config import Recipe, RecipeError, load_recipe
+from tail_kd.data import DataError, DistillationLoader, build_datasets
+from tail_kd.distributed import DistContext, MainProcessFailed, discover_topology, init_distributed
+from tail_kd.export import save_student_spec
+from tail_kd.monitor import Monitor
+from tail_kd.pair import load_models, plan_models
+
+# tail_kd.engines imports DeepSpeed, which fixes its accelerator (cpu or cuda) at import time: it is
+# imported only after init_distributed has chosen the device.
+
+__all__ = [
+    "main",
+    "run",
+    "build_parser",
+    "recipe_from_args",
+    "EXIT_PREEMPTED",
+    "EXIT_USAGE",
+    "DONE_MARKER",
+]
+
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 75
+DONE_MARKER = "DONE"
+_STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+_TRAIN_STATS = (
+    "loss",
+    "ce",
+    "divergence",
+    "kl_to_teacher",
+    "teacher_tail_mass",
+    "student_tail_mass",
+    "student_topk_mass",
+)
+
+
+class RunDirError(RecipeError):
+    """The output directory cannot be used as asked (another run's checkpoints, not writable)."""
+
+
+def build_parser(prog: str = "python -m tail_kd.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Distil a teacher LM into a student with DeepSpeed ZeRO-3."
+    )
+    parser.add_argument(
+        "recipe", help="recipe YAML file (see docs/ARCHITECTURE.md, 'Recipe schema')"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    parser.add_argument(
+        "--output-dir", help="where checkpoints, TensorBoard events and DONE go (recipe output_dir)"
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in the output dir (fresh start if none)",
+    )
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the output dir's checkpoints, DONE marker and TensorBoard run, then start",
+    )
+    parser.add_argument(
+        "--stop-after-steps",
+        type=int,
+        metavar="N",
+        help="stop cleanly after optimizer step N, with a checkpoint (as a preemption would)",
+    )
+    parser.add_argument(
+        "--reference-loss",
+        action="store_true",
+        help="compute the loss from full logits with the dense reference functions "
+        "(slow; for checking the fused loss)",
+    )
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )
+    return parser
+
+
+# Errors in what the user gave (recipe, paths, data, models): a message, no traceback.
+_INPUT_ERRORS = (RecipeError, DataError, FileNotFoundError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as `args` (from `build_parser`) say; return the exit status."""
+    # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates, with a warning on every call.
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
+    topology = discover_topology(local_rank=args.local_rank)
+    try:
+        recipe = recipe_from_args(args)
+        recipe.check_world_size(topology.world_size)
+        if args.stop_after_steps is not None and args.stop_after_steps < 1:
+            raise RecipeError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
+        check_output_dir(Path(recipe.output_dir), resume=args.resume, overwrite=args.overwrite)
+    except RecipeError as error:
+        return _input_error(error, topology.rank)
+    ctx = init_distributed(recipe.device, topology)
+    try:
+        return Trainer(recipe, ctx, args).run()
+    except _INPUT_ERRORS as error:
+        return _input_error(error, topology.rank)
+    except MainProcessFailed:
+        return 1
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe named on the command line, with its --set and --output-dir overrides."""
+    overrides = list(args.overrides)
+    if args.output_dir is not None:  # as JSON, which YAML reads as a string whatever the path
+        overrides.append(f"output_dir={json.dumps(args.output_dir)}")
+    return load_recipe(args.recipe, overrides)
+
+
+def _input_error(error: Exception, rank: int) -> int:
+    """Print `error: ...` (recipe errors, the same on every rank, on rank 0 only); return 2."""
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr)
+    elif not isinstance(error, RecipeError):
+        print(f"error on rank {rank}: {error}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------------------------
+# The output directory
+# ---------------------------------------------------------------------------------------------
+
+
+def check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a directory holding another run unless resuming or overwriting; check writability."""
+    history = (run_dir / CHECKPOINTS_DIR).is_dir() and any((run_dir / CHECKPOINTS_DIR).iterdir())
+    history = history or (run_dir / DONE_MARKER).exists()
+    if history and not (resume or overwrite):
+        raise RunDirError(
+            f"output dir {run_dir} already holds a run (checkpoints or {DONE_MARKER}): pass "
+            "--resume to continue it, --overwrite to start over, or choose another --output-dir"
+        )
+    existing = next((p for p in [run_dir, *run_dir.parents] if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK):
+        raise RunDirError(f"output dir {run_dir} cannot be created: {existing} is not writable")
+
+
+def clear_output_dir(run_dir: Path, tensorboard_run: Path) -> None:
+    """--overwrite: remove a previous run's checkpoints, DONE marker and TensorBoard run."""
+    shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+    shutil.rmtree(tensorboard_run, ignore_errors=True)
+    (run_dir / DONE_MARKER).unlink(missing_ok=True)
+
+
+def read_done(run_dir: Path) -> dict[str, Any] | None:
+    """The DONE marker of a finished run ({"step": ...}), or None."""
+    path = Path(run_dir) / DONE_MARKER
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_done(run_dir: Path, step: int) -> None:
+    with open(run_dir / DONE_MARKER, "w") as f:
+        json.dump({"step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """Set by SIGUSR1/SIGTERM/SIGINT; the first signal asks for a stop, a second one kills."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        print(
+            f"{self.signal_name} received: finishing this step, then checkpointing",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+class Trainer:
+    """Everything one rank does in a run: set-up, the loop, evaluation, checkpoints."""
+
+    def __init__(self, recipe: Recipe, ctx: DistContext, args: argparse.Namespace):
+        self.recipe = recipe
+        self.ctx = ctx
+        self.args = args
+        self.run_dir = Path(recipe.output_dir)
+        self.tensorboard_run = Path(recipe.log.tensorboard_dir) / recipe.run_name
+        self.stop_flag = _StopFlag()
+        self.step = 0
+        self.first_eval: dict[str, float] | None = None  # held-out numbers before training
+        self.last_eval: dict[str, float] | None = None
+
+    def run(self) -> int:
+        """Set up, train to the end (or to a stop), and return the exit status."""
+        from tail_kd.engines import Distiller, loss_function, model_dtype, student_config
+
+        recipe, ctx = self.recipe, self.ctx
+        student_config(recipe, ctx.world_size, ctx.device.type)  # rejects bad `deepspeed:` keys now
+        if not ctx.is_main:  # one set of progress bars per job
+            hf_logging.disable_progress_bar()
+            datasets.disable_progress_bars()
+        done = read_done(self.run_dir)
+        if self.args.resume and done is not None and done["step"] >= recipe.train.steps:
+            if ctx.is_main:
+                print(f"{self.run_dir} finished at step {done['step']}: nothing to resume")
+            return 0
+        if ctx.is_main:
+            if self.args.overwrite:
+                clear_output_dir(self.run_dir, self.tensorboard_run)
+            (self.run_dir / DONE_MARKER).unlink(missing_ok=True)  # resuming a run with more steps
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        ctx.barrier()
+
+        plan = plan_models(recipe, ctx)
+        if ctx.is_main:  # what `tail-kd export` needs besides the weights
+            save_student_spec(
+                self.run_dir, plan.student_config, plan.student_tokenizer, plan.generation_config
+            )
+        with ctx.main_first():  # rank 0 tokenises into the shared cache; the others load it
+            train_set, self.eval_set = build_datasets(
+                recipe.data, plan.teacher_tokenizer, recipe.data.cache_dir, recipe.seed
+            )
+        self.loader = DistillationLoader(
+            train_set, recipe.train.micro_batch_size, ctx.rank, ctx.world_size, recipe.seed
+        )
+        teacher, student = load_models(
+            recipe, plan, model_dtype(recipe.teacher.dtype, ctx.device.type)
+        )
+        loss_fn = loss_function(recipe, plan.vocab_size, reference=self.args.reference_loss)
+        self.distiller = Distiller(teacher, student, recipe, ctx, loss_fn)
+        self.accumulation = recipe.gradient_accumulation_steps(ctx.world_size)
+        self.checkpoints = CheckpointManager(self.run_dir, ctx, recipe.checkpoint.keep)
+        latest = self.checkpoints.latest() if self.args.resume else None
+        if latest is not None:
+            self._resume(latest)
+
+        self.monitor = Monitor(ctx.is_main, self.tensorboard_run, recipe.train.steps, self.step)
+        self.monitor.print(f"TensorBoard: tensorboard --logdir {recipe.log.tensorboard_dir}")
+        try:
+            return self._train()
+        finally:
+            self.monitor.close()
+
+    def _resume(self, checkpoint: Checkpoint) -> None:
+        trainer_state, rank_state = self.checkpoints.load(self.distiller.student, checkpoint)
+        self.step = trainer_state["step"]
+        self.first_eval = trainer_state["first_eval"]
+        self.loader.load_state_dict(rank_state["loader"])
+        restore_rng(rank_state["rng"])
+        if self.ctx.is_main:
+            changes = _differences(trainer_state["recipe"], self.recipe.to_dict())
+            print(
+                f"resumed from {checkpoint.path} (step {self.step})"
+                + (f"; changed since: {', '.join(changes)}" if changes else "")
+            )
+
+    def _train(self) -> int:
+        recipe, ctx = self.recipe, self.ctx
+        total, stop_after = recipe.train.steps, self.args.stop_after_steps
+        if self.step == 0 and self.eval_set is not None:
+            self.first_eval = self._evaluate()
+        while self.step < total:
+            metrics = self._train_step()
+            self.step += 1
+            self.monitor.advance(self.step)
+            if self.step % recipe.log.every == 0 or self.step == total:
+                self.monitor.log_train(self.step, metrics)
+            at_eval = recipe.eval.every and self.step % recipe.eval.every == 0
+            if self.eval_set is not None and (at_eval or self.step == total):
+                self.last_eval = self._evaluate()
+            signalled = ctx.any(self.stop_flag.signal_name is not None)
+            stop_asked = stop_after is not None and self.step >= stop_after
+            at_checkpoint = recipe.checkpoint.every and self.step % recipe.checkpoint.every == 0
+            if at_checkpoint or self.step == total or signalled or stop_asked:
+                self._save()
+            if self.step < total and signalled:
+                self.monitor.print(
+                    f"stopped by a signal after step {self.step}; continue with --resume"
+                )
+                return EXIT_PREEMPTED
+            if self.step < total and stop_asked:
+                self.monitor.print(
+                    f"stopped after step {self.step} (--stop-after-steps); continue with --resume"
+                )
+                return 0
+        if ctx.is_main:
+            _write_done(self.run_dir, self.step)
+        ctx.barrier()
+        if self.first_eval is not None and self.last_eval is not None:
+            before, after = self.first_eval, self.last_eval
+            self.monitor.print(
+                f"held-out: ce {before['ce']:.4f} -> {after['ce']:.4f} | "
+                f"kl_to_teacher {before['kl_to_teacher']:.4f} -> {after['kl_to_teacher']:.4f}"
+            )
+        return 0
+
+    def _train_step(self) -> dict[str, float]:
+        """One optimizer step: `accumulation` micro-batches forward + backward, then the update.
+
+        The logged loss terms are means over micro-batches and ranks, the same weighting the
+        gradient gets (DeepSpeed divides each micro-batch's gradient by the accumulation steps).
+        """
+        engine = self.distiller.student
+        start = time.perf_counter()
+        lr = engine.get_lr()[0]  # the scheduler moves on inside the last engine.step()
+        sums = torch.zeros(len(_TRAIN_STATS) + 1, device=self.ctx.device)
+        for _ in range(self.accumulation):
+            batch = next(self.loader)
+            out = self.distiller.forward(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            tokens = batch["attention_mask"].sum().to(sums.device, sums.dtype)
+            sums += torch.stack([*(out[name].detach() for name in _TRAIN_STATS), tokens])
+        totals = self.ctx.sum(sums).tolist()
+        seconds = time.perf_counter() - start
+        micro_batches = self.accumulation * self.ctx.world_size
+        metrics = {name: value / micro_batches for name, value in zip(_TRAIN_STATS, totals)}
+        metrics.update(
+            lr=lr,
+            grad_norm=float(engine.get_global_grad_norm()),
+            tokens_per_sec=totals[-1] / seconds,
+        )
+        return metrics
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
+        """Held-out CE and KL(teacher || student), token-weighted over all ranks, logged."""
+        recipe, ctx = self.recipe, self.ctx
+        loader = DistillationLoader(
+            self.eval_set, recipe.train.micro_batch_size, ctx.rank, ctx.world_size, recipe.seed
+        )
+        engine = self.distiller.student
+        engine.eval()
+        sums = torch.zeros(3, device=ctx.device)
+        for _ in range(min(recipe.eval.max_batches, loader.batches_per_epoch)):
+            out = self.distiller.forward(next(loader))
+            n = out["num_tokens"]
+            sums += torch.stack([out["ce"] * n, out["kl_to_teacher"] * n, n])
+        engine.train()
+        ce, kl, n = ctx.sum(sums).tolist()
+        metrics = {"ce": ce / max(n, 1), "kl_to_teacher": kl / max(n, 1)}
+        self.monitor.log_eval(self.step, metrics)
+        return metrics
+
+    def _save(self) -> None:
+        trainer_state = {
+            "world_size": self.ctx.world_size,
+            "recipe": self.recipe.to_dict(),
+            "tensorboard": {"log_dir": str(self.tensorboard_run)},
+            "first_eval": self.first_eval,
+        }
+        rank_state = {"loader": self.loader.state_dict(), "rng": capture_rng()}
+        self.monitor.flush()
+        saved = self.checkpoints.save(self.distiller.student, self.step, trainer_state, rank_state)
+        self.monitor.print(f"checkpoint: {saved.path}")
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`train.steps 20 -> 40` for every leaf that differs between two recipe dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changes = []
+        for key in sorted(set(old) | set(new)):
+            changes += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return changes
+    return [] if old == new else [f"{prefix[:-1]} {old!r} -> {new!r}"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

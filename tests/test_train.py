@@ -1,0 +1,216 @@
+"""End to end on the CPU: the tiny recipe with 2 ranks through the DeepSpeed launcher.
+
+Each launch (a ZeRO-3 teacher and student in 2 processes) costs ~15-30 s, mostly start-up, so the
+runs are module fixtures shared by the tests that check them:
+
+    full     8 steps, uninterrupted                      -> losses, TensorBoard, export
+    stopped  the same run, --stop-after-steps 4          -> clean stop with a checkpoint
+             (started through `tail-kd train --nproc 2`)
+    resumed  `stopped` continued with --resume to step 8 -> same losses as `full`
+    fused / dense   one SGD-like step each               -> same updated parameters
+
+All runs share one cache (tiny teacher, tokenised data), built by the first.
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tail_kd.checkpoint import DEEPSPEED_TAG, complete_checkpoints, find_checkpoint
+from tail_kd.config import load_recipe
+from tail_kd.distributed import free_port
+from tail_kd.monitor import EVAL_SCALARS, TRAIN_SCALARS
+from tail_kd.pair import load_models, plan_models
+from tail_kd.train import EXIT_USAGE, main, read_done
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "tiny" / "tad.yaml"
+RUN_NAME = "tiny-tad"
+STEPS = 8
+COMMON = [f"train.steps={STEPS}", "checkpoint.every=4", "eval.every=4"]
+# One step whose update is proportional to the gradient: Adam's first step is
+# lr * g / (|g| + eps), ~ g for eps = 1 >> |g|; no weight decay, clipping or schedule.
+SGD_LIKE_STEP = [
+    "train.steps=1",
+    "train.warmup_steps=0",
+    "train.lr=1.0",
+    "train.min_lr_ratio=1.0",
+    "train.weight_decay=0.0",
+    "train.grad_clip=0.0",
+    "deepspeed.optimizer.params.eps=1.0",
+]
+# OFFLINE.md: rarely a rank aborts at interpreter exit after a complete run.
+EXIT_ABORT = "terminate called without an active exception"
+
+
+@dataclasses.dataclass
+class Run:
+    dir: Path
+    proc: subprocess.CompletedProcess
+
+    @property
+    def output(self) -> str:
+        return f"--- stdout\n{self.proc.stdout[-6000:]}\n--- stderr\n{self.proc.stderr[-6000:]}"
+
+    def scalars(self) -> dict[str, list[tuple[int, float]]]:
+        """TensorBoard scalars read back with TensorBoard's own reader: tag -> [(step, value)]."""
+        events = EventAccumulator(
+            str(self.dir / "tensorboard" / RUN_NAME), size_guidance={"scalars": 0}
+        )
+        events.Reload()
+        return {
+            tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]
+        }
+
+    def assert_finished(self, step: int) -> None:
+        """The run's own DONE marker, and a clean exit (or the known abort at interpreter exit)."""
+        done = read_done(self.dir)
+        assert done is not None and done["step"] == step, self.output
+        assert self.proc.returncode == 0 or EXIT_ABORT in self.proc.stderr, self.output
+
+
+def launch(run_dir: Path, cache: Path, sets: list[str], *args: str, cli: bool = False) -> Run:
+    """Train the tiny recipe with 2 CPU ranks into `run_dir`, with `--set` for each of `sets`,
+    through the deepspeed launcher (or `tail-kd train --nproc 2` when `cli`)."""
+    if cli:
+        command = [sys.executable, "-m", "tail_kd.cli", "train", "--nproc", "2"]
+    else:
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+        command += ["--master_port", str(free_port()), "--module", "tail_kd.train"]
+    command += [str(RECIPE), "--output-dir", str(run_dir), *args]
+    for override in [f"cache_dir={cache}", *sets]:
+        command += ["--set", override]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return Run(run_dir, proc)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def full(workdir) -> Run:
+    return launch(workdir / "full", workdir / "cache", COMMON)
+
+
+@pytest.fixture(scope="module")
+def stopped(workdir, full) -> Run:  # after `full`, which builds the cache
+    return launch(
+        workdir / "stopped", workdir / "cache", COMMON, "--stop-after-steps", "4", cli=True
+    )
+
+
+@pytest.fixture(scope="module")
+def resumed(workdir, stopped) -> Run:
+    return launch(stopped.dir, workdir / "cache", COMMON, "--resume")
+
+
+@pytest.fixture(scope="module")
+def one_step(workdir, full) -> dict[str, Run]:
+    return {
+        "fused": launch(workdir / "fused", workdir / "cache", SGD_LIKE_STEP),
+        "dense": launch(workdir / "dense", workdir / "cache", SGD_LIKE_STEP, "--reference-loss"),
+    }
+
+
+def test_full_run_learns_and_logs_every_scalar(full):
+    full.assert_finished(STEPS)
+    scalars = full.scalars()
+    for name in TRAIN_SCALARS:
+        assert [step for step, _ in scalars[f"train/{name}"]] == list(range(1, STEPS + 1)), name
+    for name in EVAL_SCALARS:
+        assert [step for step, _ in scalars[f"eval/{name}"]] == [0, 4, 8], name
+    loss = [value for _, value in scalars["train/loss"]]
+    assert sum(loss[-2:]) / 2 < loss[0] - 0.1, loss
+    eval_ce = [value for _, value in scalars["eval/ce"]]
+    assert eval_ce[-1] < eval_ce[0] - 0.1, eval_ce
+    assert all(0 < value < 1 for _, value in scalars["train/teacher_tail_mass"])
+    assert [c.step for c in complete_checkpoints(full.dir)] == [4, 8]  # checkpoint.keep = 2
+    assert "held-out: ce" in full.proc.stdout
+
+
+def test_stop_after_steps_checkpoints_and_exits_cleanly(stopped):
+    assert stopped.proc.returncode == 0 or EXIT_ABORT in stopped.proc.stderr, stopped.output
+    assert "stopped after step 4" in stopped.proc.stdout, stopped.output
+    assert [c.step for c in complete_checkpoints(stopped.dir)] == [4]
+    assert read_done(stopped.dir) is None
+
+
+def test_resume_reproduces_the_uninterrupted_run(full, resumed):
+    resumed.assert_finished(STEPS)
+    assert "resumed from" in resumed.proc.stdout, resumed.output
+    reference, continued = full.scalars(), resumed.scalars()
+    for name in TRAIN_SCALARS:
+        if name == "tokens_per_sec":
+            continue
+        tag = f"train/{name}"
+        # One continuous curve: each step once, the first 4 from the stopped run.
+        assert [step for step, _ in continued[tag]] == list(range(1, STEPS + 1)), tag
+        for (step, expected), (_, value) in zip(reference[tag], continued[tag]):
+            assert value == pytest.approx(expected, abs=1e-6), (tag, step)
+    for (_, expected), (_, value) in zip(reference["eval/ce"], continued["eval/ce"]):
+        assert value == pytest.approx(expected, abs=1e-6)
+
+
+def test_fused_step_updates_parameters_like_the_dense_reference(workdir, one_step):
+    """One step on the fused path and on the dense path (full logits, autograd) give the same
+    update: per tensor, to 1e-4 of its largest entry (what remains is float32 rounding of the
+    parameters themselves, ~1e-9 here, against updates of 1e-4 to 6e-2)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    updated = {}
+    for name, run in one_step.items():
+        run.assert_finished(1)
+        checkpoint = find_checkpoint(run.dir, step=1).path
+        updated[name] = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+    recipe = load_recipe(RECIPE, [f"cache_dir={workdir / 'cache'}", *SGD_LIKE_STEP])
+    _, initial = load_models(recipe, plan_models(recipe), torch.float32)
+    parameters = dict(initial.named_parameters(remove_duplicate=False))  # lm_head tied: both names
+    assert sorted(updated["fused"]) == sorted(f"student.{name}" for name in parameters)
+    for name, before in parameters.items():
+        fused = updated["fused"][f"student.{name}"] - before.detach()
+        dense = updated["dense"][f"student.{name}"] - before.detach()
+        scale = dense.abs().max().item()
+        assert scale > 1e-5, f"{name} was not updated"
+        torch.testing.assert_close(fused, dense, rtol=0, atol=1e-4 * scale, msg=name)
+
+
+def test_export_loads_generates_and_reproduces_the_logged_eval(full, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tail_kd.data import build_datasets
+    from tail_kd.export import export
+
+    out = export(full.dir, tmp_path / "student")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
+    prompt = tokenizer("In the beginning", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 8
+
+    # The eval set is 8 sequences, all seen by the final evaluation (2 ranks x 2 batches x 2).
+    recipe = load_recipe(RECIPE, [f"cache_dir={full.dir.parent / 'cache'}"])
+    _, eval_set = build_datasets(recipe.data, tokenizer, recipe.data.cache_dir, recipe.seed)
+    batch = {
+        key: torch.stack([eval_set[i][key] for i in range(len(eval_set))]) for key in eval_set[0]
+    }
+    with torch.no_grad():
+        ce = model(**batch).loss.item()
+    ((_, logged),) = [point for point in full.scalars()["eval/ce"] if point[0] == STEPS]
+    assert ce == pytest.approx(logged, rel=1e-4)
+
+
+def test_output_dir_of_another_run_is_refused(full, capsys):
+    status = main([str(RECIPE), "--output-dir", str(full.dir)])
+    assert status == EXIT_USAGE
+    assert "already holds a run" in capsys.readouterr().err
