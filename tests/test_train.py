@@ -23,6 +23,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tail_kd.checkpoint import DEEPSPEED_TAG, complete_checkpoints, find_checkpoint
+from tail_kd.cli import CPU_MALLOC
 from tail_kd.config import load_recipe
 from tail_kd.distributed import free_port
 from tail_kd.monitor import EVAL_SCALARS, TRAIN_SCALARS
@@ -87,7 +88,7 @@ def launch(run_dir: Path, cache: Path, sets: list[str], *args: str, cli: bool = 
     command += [str(RECIPE), "--output-dir", str(run_dir), *args]
     for override in [f"cache_dir={cache}", *sets]:
         command += ["--set", override]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", **CPU_MALLOC}
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     return Run(run_dir, proc)
 
