@@ -88,7 +88,10 @@ def plan_models(recipe: Recipe, ctx: DistContext | None = None) -> ModelPlan:
     t_cfg, s_cfg = recipe.teacher, recipe.student
     with ctx.main_first() if ctx is not None else contextlib.nullcontext():
         reference = resolve_reference(t_cfg.path, recipe.cache_dir)
-        teacher_dir = resolve_model_dir(reference, recipe.cache_dir, t_cfg.gguf_file)
+        try:
+            teacher_dir = resolve_model_dir(reference, recipe.cache_dir, t_cfg.gguf_file)
+        except ValueError as error:  # e.g. an unreadable GGUF file
+            raise RecipeError(f"teacher.path: {error}") from None
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
     teacher_tokenizer = load_tokenizer(teacher_dir)
     if s_cfg.init == "derived":
@@ -102,7 +105,7 @@ def plan_models(recipe: Recipe, ctx: DistContext | None = None) -> ModelPlan:
                 num_key_value_heads=s_cfg.num_key_value_heads,
             )
         except ValueError as error:
-            raise RecipeError(f"student: {error}") from None
+            raise RecipeError(str(error)) from None
         student_tokenizer, generation_config = teacher_tokenizer, _generation_config(teacher_dir)
     else:
         student_config = AutoConfig.from_pretrained(s_cfg.path)
@@ -117,6 +120,7 @@ def plan_models(recipe: Recipe, ctx: DistContext | None = None) -> ModelPlan:
         )
     except VocabularyMismatchError as error:
         raise RecipeError(f"teacher/student vocabularies: {error}") from None
+    _check_fit(recipe, teacher_config, student_config, vocab_size)
     return ModelPlan(
         teacher_dir,
         teacher_tokenizer,
@@ -125,6 +129,22 @@ def plan_models(recipe: Recipe, ctx: DistContext | None = None) -> ModelPlan:
         generation_config,
         vocab_size,
     )
+
+
+def _check_fit(recipe: Recipe, teacher_config, student_config, vocab_size: int) -> None:
+    """The loss's top-K and the sequence length must fit the models."""
+    if recipe.loss.k >= vocab_size:
+        raise RecipeError(
+            f"loss.k: {recipe.loss.k} leaves no tail in the {vocab_size}-token vocabulary; "
+            f"choose a K below {vocab_size} (the paper: 5 to 10)"
+        )
+    for role, config in (("teacher", teacher_config), ("student", student_config)):
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions is not None and recipe.data.seq_len > positions:
+            raise RecipeError(
+                f"data.seq_len: {recipe.data.seq_len} exceeds the {role}'s {positions} positions "
+                f"(max_position_embeddings); set data.seq_len <= {positions}"
+            )
 
 
 def load_models(

