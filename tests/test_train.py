@@ -14,6 +14,7 @@ All runs share one cache (tiny teacher, tokenised data), built by the first.
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from tail_kd.config import load_recipe
 from tail_kd.distributed import free_port
 from tail_kd.monitor import EVAL_SCALARS, TRAIN_SCALARS
 from tail_kd.pair import load_models, plan_models
-from tail_kd.train import EXIT_USAGE, main, read_done
+from tail_kd.train import EXIT_PREEMPTED, EXIT_USAGE, main, read_done
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny" / "tad.yaml"
@@ -209,6 +210,29 @@ def test_export_loads_generates_and_reproduces_the_logged_eval(full, tmp_path):
         ce = model(**batch).loss.item()
     ((_, logged),) = [point for point in full.scalars()["eval/ce"] if point[0] == STEPS]
     assert ce == pytest.approx(logged, rel=1e-4)
+
+
+def test_sigusr1_stops_all_ranks_after_one_step_with_a_checkpoint(workdir, full):
+    """A preemption signal to `tail-kd train --nproc 2` reaches both ranks; they agree on the step
+    to stop after, checkpoint it, and exit with EXIT_PREEMPTED."""
+    run_dir = workdir / "preempted"
+    command = [sys.executable, "-m", "tail_kd.cli", "train", "--nproc", "2", str(RECIPE)]
+    command += ["--output-dir", str(run_dir), "--set", f"cache_dir={workdir / 'cache'}"]
+    command += ["--set", "train.steps=1000", "--set", "checkpoint.every=0", "--set", "eval.every=0"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", **CPU_MALLOC}
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 2/"):
+            proc.send_signal(signal.SIGUSR1)
+    output = "".join(lines)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, output
+    (checkpoint,) = complete_checkpoints(run_dir)
+    assert f"stopped by a signal after step {checkpoint.step}" in output
+    assert 2 <= checkpoint.step < 1000 and read_done(run_dir) is None
 
 
 def test_output_dir_of_another_run_is_refused(full, capsys):
