@@ -11,13 +11,15 @@ the batch are never materialised (with the fused loss).
 Two ZeRO-3 details make the lm_head weights usable outside their own modules:
 
 - the student's lm_head weight (for tied models, the input embedding) is registered as an
-  *external parameter* of `StudentWithLoss` (`deepspeed.zero.register_external_parameter`), so
-  ZeRO-3 gathers it before the wrapper's forward and backward and keeps it gathered while the
-  loss runs; the gradient the loss returns for it reaches the partitioned parameter through the
-  usual ZeRO-3 reduce-scatter. The fused loss computes its gradients during the forward, so the
-  backward needs no weight.
+  *external parameter* of `StudentWithLoss` (`deepspeed.zero.register_external_parameter`):
+  ZeRO-3 gathers it when the wrapper's forward starts and keeps it until the forward ends (the
+  embedding layer's own release does not drop it), and gathers it again for the wrapper's
+  backward (where the dense reference loss needs it; the fused loss already computed its
+  gradients in the forward). The gradient the loss returns for it is accumulated into the
+  parameter (summed with the embedding's, when tied) and reduce-scattered by ZeRO-3 like any
+  other.
 - the teacher's lm_head weight is gathered read-only (`GatheredParameters`, no modifier rank)
-  around the student's forward, and passed in as a plain tensor.
+  around the student's forward, and passed in as a plain tensor; the teacher gets no gradient.
 
 DeepSpeed configs come from the recipe (`student_config`, `teacher_config`); a recipe's
 `deepspeed:` section is merged over the generated student config (and its `zero_optimization`,
