@@ -29,7 +29,8 @@ USAGE = __doc__.split("\n\n")[1]
 # On the CPU, glibc hands every freed block over 32 MiB back to the kernel, which zeroes the pages
 # again at the next allocation: the loss's [tokens, vocab] buffers then cost as much system time as
 # computing them (SmolLM2 quickstart: 1.4 s of 3.4 s per micro-batch). Keeping freed memory in the
-# heap halves the loss's time. Set for the ranks `--nproc` starts (unless already set).
+# heap halves the loss's time. Set for the ranks that `--nproc` starts, unless already set; export
+# them yourself for other launchers on the CPU.
 CPU_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
 
