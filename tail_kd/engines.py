@@ -212,7 +212,9 @@ def _weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str
 LossFunction = Callable[..., TADLossOutput]
 
 
-def loss_function(recipe: Recipe, vocab_size: int, *, reference: bool = False) -> LossFunction:
+def loss_function(
+    recipe: Recipe, vocab_size: int, device: str, *, reference: bool = False
+) -> LossFunction:
     """The loss as `fn(s_hidden, s_weight, t_hidden, t_weight, labels) -> TADLossOutput`.
 
     The recipe's loss settings are bound; `reference=True` gives the dense reference instead of
@@ -229,7 +231,10 @@ def loss_function(recipe: Recipe, vocab_size: int, *, reference: bool = False) -
     )
     if reference:
         return functools.partial(dense_reference_loss, **options)
-    return functools.partial(fused_tad_loss, chunk_size=loss.chunk_size, **options)
+    compiled = loss.kernels == "compiled" or (loss.kernels == "auto" and device == "cuda")
+    return functools.partial(
+        fused_tad_loss, chunk_size=loss.chunk_size, compile=compiled, **options
+    )
 
 
 def dense_reference_loss(
@@ -322,9 +327,10 @@ class StudentWithLoss(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         labels: Tensor,
-        teacher_hidden: Tensor,
-        teacher_weight: Tensor,
+        teacher_hidden: Tensor | None,
+        teacher_weight: Tensor | None,
     ) -> dict[str, Tensor]:
+        """teacher_hidden/teacher_weight may be None for a loss that needs no teacher (CE only)."""
         out = self.student.base_model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         )
@@ -334,7 +340,7 @@ class StudentWithLoss(nn.Module):
         result = self.loss_fn(
             out.last_hidden_state[:, :-1],
             weight,
-            teacher_hidden[:, :-1],
+            None if teacher_hidden is None else teacher_hidden[:, :-1],
             teacher_weight,
             labels[:, 1:],
         )

@@ -22,7 +22,9 @@ Exit status:
         rerun with `--resume` to continue (75 is EX_TEMPFAIL, "try again later")
 
 On a signal every rank finishes its current optimizer step; the ranks then agree (one all-reduce
-per step) to stop after that same step. A second signal kills the process at once.
+per step) to stop after that same step. A second SIGINT kills the process at once; repeated
+SIGUSR1/SIGTERM are ignored. A Slurm job that was requeued (SLURM_RESTART_COUNT > 0) resumes
+as if given `--resume`.
 """
 
 from __future__ import annotations
@@ -145,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Train as `args` (from `build_parser`) say; return the exit status."""
+    stop_flag = _StopFlag()  # first, so that a signal during start-up is not fatal
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        args.resume = True  # a requeued Slurm job continues from its newest checkpoint
     # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates, with a warning on every call.
     warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     topology = discover_topology(local_rank=args.local_rank)
@@ -158,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         return _input_error(error, topology.rank)
     ctx = init_distributed(recipe.device, topology)
     try:
-        return Trainer(recipe, ctx, args).run()
+        return Trainer(recipe, ctx, args, stop_flag).run()
     except _INPUT_ERRORS as error:
         return _input_error(error, topology.rank)
     except MainProcessFailed:
@@ -227,7 +232,11 @@ def _write_done(run_dir: Path, step: int) -> None:
 
 
 class _StopFlag:
-    """Set by SIGUSR1/SIGTERM/SIGINT; the first signal asks for a stop, a second one kills."""
+    """Set by SIGUSR1/SIGTERM/SIGINT: finish the step, checkpoint, exit 75.
+
+    Repeats of SIGUSR1/SIGTERM change nothing (Slurm may deliver one from several places); a
+    second SIGINT (Ctrl-C twice) kills the process at once.
+    """
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -235,9 +244,10 @@ class _StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal_name is not None:
+            return
         self.signal_name = signal.Signals(signum).name
-        for sig in _STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         print(
             f"{self.signal_name} received: finishing this step, then checkpointing",
             file=sys.stderr,
@@ -248,13 +258,15 @@ class _StopFlag:
 class Trainer:
     """Everything one rank does in a run: set-up, the loop, evaluation, checkpoints."""
 
-    def __init__(self, recipe: Recipe, ctx: DistContext, args: argparse.Namespace):
+    def __init__(
+        self, recipe: Recipe, ctx: DistContext, args: argparse.Namespace, stop_flag: "_StopFlag"
+    ):
         self.recipe = recipe
         self.ctx = ctx
         self.args = args
         self.run_dir = Path(recipe.output_dir)
         self.tensorboard_run = Path(recipe.log.tensorboard_dir) / recipe.run_name
-        self.stop_flag = _StopFlag()
+        self.stop_flag = stop_flag
         self.step = 0
         self.first_eval: dict[str, float] | None = None  # held-out numbers before training
         self.last_eval: dict[str, float] | None = None
@@ -295,7 +307,9 @@ class Trainer:
         teacher, student = load_models(
             recipe, plan, model_dtype(recipe.teacher.dtype, ctx.device.type)
         )
-        loss_fn = loss_function(recipe, plan.vocab_size, reference=self.args.reference_loss)
+        loss_fn = loss_function(
+            recipe, plan.vocab_size, ctx.device.type, reference=self.args.reference_loss
+        )
         self.distiller = Distiller(teacher, student, recipe, ctx, loss_fn)
         self.accumulation = recipe.gradient_accumulation_steps(ctx.world_size)
         self.checkpoints = CheckpointManager(self.run_dir, ctx, recipe.checkpoint.keep)

@@ -18,6 +18,7 @@ from tail_kd.config import RecipeError, load_recipe
 from tail_kd.data import prepare_datasets
 from tail_kd.data.sources import DataError
 from tail_kd.models.loading import load_tokenizer, resolve_model_dir
+from tail_kd.pair import resolve_reference
 
 __all__ = ["main"]
 
@@ -38,9 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        model_dir = resolve_model_dir(
-            recipe.teacher.path, recipe.cache_dir, recipe.teacher.gguf_file
-        )
+        teacher = resolve_reference(recipe.teacher.path, recipe.cache_dir)  # tiny://, pkg://
+        model_dir = resolve_model_dir(teacher, recipe.cache_dir, recipe.teacher.gguf_file)
         tokenizer = load_tokenizer(model_dir)
         prepared = prepare_datasets(recipe.data, tokenizer, recipe.data.cache_dir, recipe.seed)
     except (RecipeError, DataError, FileNotFoundError) as error:

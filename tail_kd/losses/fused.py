@@ -143,6 +143,8 @@ def fused_tad_loss(
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
     spec = _Spec(divergence, k, float(beta), normalize, float(ce_weight), int(chunk_size), bool(compile))
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec)
+    if not torch.is_grad_enabled():  # evaluation: no in-pass gradients either
+        student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
     info: dict = {}  # filled by forward with host-side facts (no extra device sync)
     loss, stats = _FusedDistillationLoss.apply(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec, vocab_size, group, info
