@@ -43,6 +43,7 @@ __all__ = [
     "LogConfig",
     "EvalConfig",
     "CheckpointConfig",
+    "DebugConfig",
     "GENERATED_SOURCES",
     "load_recipe",
     "apply_overrides",
@@ -207,6 +208,9 @@ class TrainConfig:
     grad_clip: float = _field(1.0, NON_NEGATIVE)  # max global gradient norm; 0 disables clipping
     activation_checkpointing: bool = False
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # A step whose loss or gradients are not finite is skipped (no update); this many skipped in a
+    # row stop the run with a checkpoint and a diagnostic (exit status 3).
+    max_skipped_steps: int = _field(5, POSITIVE)
 
     def __post_init__(self) -> None:
         if not all(0 <= b < 1 for b in self.betas):
@@ -246,6 +250,24 @@ class CheckpointConfig:
     keep: int = _field(2, _Range(1))  # newest checkpoints kept on disk
 
 
+@dataclass
+class DebugConfig:
+    """Fault injection, to see what a run (and your set-up) does when training goes wrong.
+
+    Off by default. Steps are optimizer steps counted from 1, as in the logs.
+    """
+
+    nan_loss_steps: list[int] = _field([])  # these steps get a NaN loss (so NaN gradients)
+    # These steps get a finite loss but a NaN gradient in one parameter: the student's last one.
+    nan_grad_steps: list[int] = _field([])
+
+    def __post_init__(self) -> None:
+        for name in ("nan_loss_steps", "nan_grad_steps"):
+            bad = [step for step in getattr(self, name) if step < 1]
+            if bad:
+                raise _FieldError(name, f"steps are counted from 1, got {bad}")
+
+
 @dataclass(kw_only=True)  # keyword-only: required sections can sit in schema order
 class Recipe:
     """One distillation run. Directories left null are resolved on construction."""
@@ -264,6 +286,7 @@ class Recipe:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     deepspeed: dict[str, Any] = _field({})  # extra DeepSpeed config keys, merged over the generated
 
     def __post_init__(self) -> None:
