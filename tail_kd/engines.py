@@ -24,7 +24,9 @@ Two ZeRO-3 details make the lm_head weights usable outside their own modules:
 DeepSpeed configs come from the recipe (`student_config`, `teacher_config`); a recipe's
 `deepspeed:` section is merged over the generated student config (and its `zero_optimization`,
 minus optimizer offload, over the teacher's), after `check_deepspeed_overrides` has rejected keys
-DeepSpeed does not know and keys the recipe owns.
+DeepSpeed does not know and keys the recipe owns. `check_deepspeed_config` also runs DeepSpeed's
+own config parser over the result, which rejects unknown or mistyped keys inside sections
+(`deepspeed.zero_optimization.stage3_param_persistance_threshold`), before any model is loaded.
 
 This module imports DeepSpeed: import it after `tail_kd.distributed.init_distributed`.
 """
@@ -58,6 +60,7 @@ from tail_kd.losses import (
 
 __all__ = [
     "check_deepspeed_overrides",
+    "check_deepspeed_config",
     "student_config",
     "teacher_config",
     "model_dtype",
@@ -112,6 +115,52 @@ def check_deepspeed_overrides(extra: Mapping[str, Any]) -> None:
             close = difflib.get_close_matches(key, sorted(DEEPSPEED_KEYS), n=1)
             hint = f" (did you mean 'deepspeed.{close[0]}'?)" if close else ""
             raise RecipeError(f"deepspeed.{key}: not a DeepSpeed config key{hint}")
+
+
+# DeepSpeed's config models whose error locations do not start with their section's key.
+_DEEPSPEED_SECTIONS = {
+    "DeepSpeedZeroConfig": "zero_optimization",
+    "CommsLoggerConfig": "comms_logger",
+}
+
+
+def check_deepspeed_config(recipe: Recipe, world_size: int, device: str) -> dict[str, Any]:
+    """The student's DeepSpeed config, checked by DeepSpeed's own parser; RecipeError if it fails.
+
+    Call it with the job's world size (DeepSpeed reads the world size from the process group
+    when there is one, and 1 otherwise). Loads nothing.
+    """
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = student_config(recipe, world_size, device)
+    try:
+        DeepSpeedConfig(copy.deepcopy(config))
+    except pydantic.ValidationError as error:
+        problems = []
+        for item in error.errors():
+            location = [str(part) for part in item["loc"]]
+            section = _DEEPSPEED_SECTIONS.get(error.title)
+            if section and location[:1] != [section]:
+                location.insert(0, section)
+            hint = ""
+            if item["type"] == "extra_forbidden" and error.title == "DeepSpeedZeroConfig":
+                hint = _close_zero_key(location[-1]) if len(location) == 2 else ""
+            problems.append(f"deepspeed.{'.'.join(location)}: {item['msg']}{hint}")
+        raise RecipeError("; ".join(problems) + " (DeepSpeed's config schema)") from None
+    except (AssertionError, ValueError, KeyError, TypeError) as error:
+        raise RecipeError(f"deepspeed: DeepSpeed rejects the config: {error}") from None
+    return config
+
+
+def _close_zero_key(key: str) -> str:
+    """` (did you mean 'deepspeed.zero_optimization.X'?)` for a misspelt ZeRO key, or ''."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    names = set(DeepSpeedZeroConfig.model_fields)
+    names |= {f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias}
+    close = difflib.get_close_matches(key, sorted(names), n=1)
+    return f" (did you mean 'deepspeed.zero_optimization.{close[0]}'?)" if close else ""
 
 
 def model_dtype(setting: str, device: str) -> torch.dtype:

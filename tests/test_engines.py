@@ -8,6 +8,7 @@ import torch
 
 from tail_kd.config import Recipe, RecipeError
 from tail_kd.engines import (
+    check_deepspeed_config,
     check_deepspeed_overrides,
     dense_reference_loss,
     student_config,
@@ -69,6 +70,28 @@ def test_teacher_config_shares_zero3_settings_without_optimizer_offload():
 def test_bad_deepspeed_keys_are_rejected_with_the_fix(extra, message):
     with pytest.raises(RecipeError, match=message):
         check_deepspeed_overrides(extra)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            {"zero_optimization": {"stage3_prefetch_bucket_sze": 10}},
+            r"deepspeed.zero_optimization.stage3_prefetch_bucket_sze: Extra inputs are not "
+            r"permitted \(did you mean 'deepspeed.zero_optimization.stage3_prefetch_bucket_size'",
+        ),
+        (
+            {"zero_optimization": {"offload_optimizer": {"device": "gpu"}}},
+            r"deepspeed.zero_optimization.offload_optimizer.device: Input should be 'none', 'cpu'",
+        ),
+        ({"tensorboard": {"enabld": True}}, r"deepspeed.tensorboard.enabld: Extra inputs"),
+    ],
+)
+def test_keys_inside_deepspeed_sections_are_checked_by_deepspeeds_schema(extra, message):
+    with pytest.raises(RecipeError, match=message):
+        check_deepspeed_config(recipe(deepspeed=extra), world_size=1, device="cpu")
+    config = check_deepspeed_config(recipe(), world_size=1, device="cpu")
+    assert config["zero_optimization"] == {"stage": 3}
 
 
 def test_warmup_then_cosine_to_min_ratio():
