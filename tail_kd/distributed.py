@@ -18,10 +18,15 @@ task computes the same pair without talking to the others.
 `init_distributed` then picks the device (cpu: DeepSpeed's CPU accelerator and gloo; cuda: nccl)
 and joins the process group through `deepspeed.init_distributed`.
 
-Collective timeout: a collective that does not complete within `DEEPSPEED_TIMEOUT` minutes
-(DeepSpeed's own variable; default here 30) raises on the ranks still waiting, so a rank that dies
-or hangs stops the job instead of leaving the others blocked forever. Raise it if rank 0 needs
-longer alone (e.g. converting a very large GGUF teacher while the other ranks wait at a barrier).
+Collective timeout: a collective that does not complete within `TAIL_KD_COLLECTIVE_TIMEOUT`
+seconds, else `DEEPSPEED_TIMEOUT` minutes (DeepSpeed's own variable, whole minutes), else 30
+minutes, raises on the ranks still waiting, so a rank that hangs stops the job instead of leaving
+the others blocked forever (a rank that dies usually fails the others' next collective at once:
+its connections close). `collective_failure` recognises these errors; the trainer reports them
+and exits with status 4. Raise the timeout if rank 0 needs longer alone (e.g. converting a very
+large GGUF teacher while the other ranks wait at a barrier). On GPUs, NCCL enforces it through
+its watchdog (on by default in torch >= 2.2: TORCH_NCCL_ASYNC_ERROR_HANDLING), which aborts the
+waiting process.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ __all__ = [
     "Topology",
     "DistContext",
     "MainProcessFailed",
+    "collective_failure",
+    "collective_timeout",
     "discover_topology",
     "free_port",
     "init_distributed",
@@ -50,6 +57,7 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_MINUTES = 30
+TIMEOUT_SECONDS_VARIABLE = "TAIL_KD_COLLECTIVE_TIMEOUT"
 _SLURM_PORT_BASE, _SLURM_PORT_RANGE = 20000, 20000
 
 
@@ -246,6 +254,12 @@ class DistContext:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total
 
+    def all_gather(self, obj: object) -> list[object]:
+        """Every rank's `obj` (any picklable object), in rank order, on every rank."""
+        box: list[object] = [None] * self.world_size
+        dist.all_gather_object(box, obj)
+        return box
+
     def broadcast(self, obj: object) -> object:
         """Rank 0's `obj` on every rank (any picklable object)."""
         box = [obj]
@@ -294,17 +308,49 @@ def init_distributed(device: str, topology: Topology | None = None) -> DistConte
 
     import deepspeed
 
-    minutes = int(os.environ.get("DEEPSPEED_TIMEOUT", DEFAULT_TIMEOUT_MINUTES))
     deepspeed.init_distributed(
         dist_backend="gloo" if device == "cpu" else "nccl",
         auto_mpi_discovery=False,
-        timeout=timedelta(minutes=minutes),
+        timeout=collective_timeout(),
         verbose=False,
     )
     torch_device = (
         torch.device("cpu") if device == "cpu" else torch.device("cuda", topology.local_rank)
     )
     return DistContext(topology, torch_device)
+
+
+def collective_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
+    """How long a collective may wait for the other ranks (see the module docstring)."""
+    env = os.environ if environ is None else environ
+    try:
+        if env.get(TIMEOUT_SECONDS_VARIABLE):
+            seconds = float(env[TIMEOUT_SECONDS_VARIABLE])
+        else:
+            seconds = 60 * int(env.get("DEEPSPEED_TIMEOUT") or DEFAULT_TIMEOUT_MINUTES)
+    except ValueError:
+        raise ValueError(
+            f"{TIMEOUT_SECONDS_VARIABLE} must be a number of seconds and DEEPSPEED_TIMEOUT a whole "
+            f"number of minutes; got {env.get(TIMEOUT_SECONDS_VARIABLE)!r} and "
+            f"{env.get('DEEPSPEED_TIMEOUT')!r}"
+        ) from None
+    if seconds <= 0:
+        raise ValueError(f"the collective timeout must be positive, got {seconds} s")
+    return timedelta(seconds=seconds)
+
+
+# gloo raises plain RuntimeErrors with these words when a peer is gone or a collective times out
+# (NCCL's errors are torch.distributed.DistError).
+_PEER_LOST = re.compile(
+    r"gloo/transport|Connection (reset|closed) by peer|Timed out waiting|Broken pipe"
+)
+
+
+def collective_failure(error: BaseException) -> bool:
+    """Whether `error` says that a collective failed: another rank died, hangs or is unreachable."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and bool(_PEER_LOST.search(str(error)))
 
 
 def _check_accelerator(device: str) -> None:
