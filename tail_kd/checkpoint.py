@@ -18,6 +18,13 @@ a run killed at any moment (even with `kill -9` in the middle of a write) leaves
 checkpoint as the newest complete one. The teacher is frozen and never saved: a resumed run
 reloads it from its source.
 
+Write errors (a full disk, a quota, an I/O error) raise `CheckpointWriteError`, which names the
+folder, the free space there and the fix; the unfinished folder is removed and the previous
+checkpoints are untouched. An error in our own files (trainer and rank state, publishing) is agreed
+on by all ranks, which all raise. An error inside DeepSpeed's `save_checkpoint` leaves its internal
+collectives out of step between ranks: the ranks that hit it raise, and the others fail at their
+next collective (see `tail_kd.distributed`, collective timeout).
+
 The output directory must be visible to all ranks under the same path (a shared filesystem on a
 multi-node job).
 """
@@ -25,11 +32,13 @@ multi-node job).
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +50,7 @@ from tail_kd.distributed import DistContext
 
 __all__ = [
     "Checkpoint",
+    "CheckpointWriteError",
     "CheckpointManager",
     "complete_checkpoints",
     "find_checkpoint",
@@ -55,6 +65,33 @@ TRAINER_STATE = "trainer_state.json"
 RANK_STATE_DIR = "rank_state"
 DEEPSPEED_TAG = "deepspeed"
 _STEP_DIR = re.compile(r"step-(\d{7,})")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message says where, why and what to do."""
+
+    def __init__(self, folder: Path, error: BaseException, previous: Checkpoint | None):
+        root = folder.parent
+        try:
+            free_bytes = shutil.disk_usage(root).free
+            free = f"{free_bytes / 2**20:,.0f} MiB free there"
+            needed = _size(previous.path) if previous is not None else 2**20
+            if getattr(error, "errno", None) == errno.ENOSPC or free_bytes < needed:
+                free += f", less than a checkpoint needs ({needed / 2**20:,.1f} MiB): disk full"
+        except OSError:
+            free = "free space unknown"
+        cause = f"{type(error).__name__}: {error}"
+        kept = (
+            f"the newest complete checkpoint, {previous.path}, is intact"
+            if previous is not None
+            else "there is no earlier complete checkpoint"
+        )
+        super().__init__(
+            f"could not write checkpoint {folder} ({cause}; {free}); {kept}. Free space on that "
+            f"filesystem (or lower checkpoint.keep, or move the run to another --output-dir), "
+            f"then rerun with --resume"
+        )
+        self.folder = folder
 
 
 @dataclass(frozen=True)
@@ -128,28 +165,69 @@ class CheckpointManager:
         """
         tmp = self.root / f"tmp-step-{step:07d}"
         final = self.root / f"step-{step:07d}"
+        failure: BaseException | None = None
         if self.ctx.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted attempt
-            (tmp / RANK_STATE_DIR).mkdir(parents=True)
-        self.ctx.barrier()
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted attempt
+                (tmp / RANK_STATE_DIR).mkdir(parents=True)
+            except OSError as error:
+                failure = error
+        self._agree_or_raise(failure, tmp)  # also the barrier before the engine writes
 
-        engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG)
-        if self.ctx.is_main:
-            _write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})
-        _write_json(tmp / RANK_STATE_DIR / f"rank-{self.ctx.rank:05d}.json", rank_state)
-        _fsync_tree(tmp)
-        self.ctx.barrier()
+        try:
+            engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG)
+        except Exception as error:
+            # torch.save reports a full disk as a RuntimeError; either way DeepSpeed's own
+            # collectives are now out of step with the other ranks: raise without meeting them.
+            self._abandon(tmp)
+            raise CheckpointWriteError(tmp, error, self._newest()) from error
+        try:
+            if self.ctx.is_main:
+                _write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})
+            _write_json(tmp / RANK_STATE_DIR / f"rank-{self.ctx.rank:05d}.json", rank_state)
+            _fsync_tree(tmp)
+        except OSError as error:
+            failure = error
+        self._agree_or_raise(failure, tmp)
 
         if self.ctx.is_main:
-            # A folder of this step without COMPLETE is an interrupted attempt's: replace it.
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            _write_json(final / COMPLETE_MARKER, {"step": step})
-            _fsync_dir(final)
-            self._prune()
+            try:
+                # A folder of this step without COMPLETE is an interrupted attempt's: replace it.
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                _fsync_dir(self.root)
+                _write_json(final / COMPLETE_MARKER, {"step": step})
+                _fsync_dir(final)
+            except OSError as error:
+                failure = error
+                shutil.rmtree(final, ignore_errors=True)  # never leave a half-marked folder
+        self._agree_or_raise(failure, final)
+        if self.ctx.is_main:
+            try:
+                self._prune()
+            except OSError as error:  # the new checkpoint is complete; old ones stay behind
+                print(f"warning: could not delete old checkpoints: {error}", file=sys.stderr)
         self.ctx.barrier()
         return Checkpoint(step, final)
+
+    def _agree_or_raise(self, failure: BaseException | None, folder: Path) -> None:
+        """A barrier that also tells every rank whether any rank failed; if one did, all raise."""
+        failed = self.ctx.any(failure is not None) if self.ctx.world_size > 1 else bool(failure)
+        if not failed:
+            return
+        self._abandon(folder)
+        if failure is None:
+            failure = RuntimeError("another rank failed to write its part (see its error)")
+        raise CheckpointWriteError(folder, failure, self._newest()) from failure
+
+    def _abandon(self, folder: Path) -> None:
+        """Remove an unfinished checkpoint folder (rank 0), freeing its space."""
+        if self.ctx.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _newest(self) -> Checkpoint | None:
+        checkpoints = complete_checkpoints(self.root.parent)
+        return checkpoints[-1] if checkpoints else None
 
     def load(self, engine, checkpoint: Checkpoint) -> tuple[dict[str, Any], dict[str, Any]]:
         """Load `checkpoint` into the student engine; return (trainer_state, this rank's state)."""
@@ -233,6 +311,15 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def _size(root: Path) -> int:
+    """Bytes in the files under `root`."""
+    return sum(
+        os.path.getsize(os.path.join(dirpath, name))
+        for dirpath, _, names in os.walk(root)
+        for name in names
+    )
 
 
 def _fsync_dir(path: Path) -> None:

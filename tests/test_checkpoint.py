@@ -1,8 +1,10 @@
 """Checkpoint publishing, pruning and discovery with a stand-in engine on one process.
 
-The DeepSpeed side (a real ZeRO-3 engine saved and resumed by 2 ranks) is covered in test_train.py.
+The DeepSpeed side (a real ZeRO-3 engine saved and resumed by 2 ranks) is covered in test_train.py;
+a real full disk and real debris of killed writes in test_faults.py.
 """
 
+import errno
 import json
 import random
 from pathlib import Path
@@ -12,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from tail_kd import checkpoint as checkpoint_module
 from tail_kd.checkpoint import (
     CheckpointManager,
+    CheckpointWriteError,
     capture_rng,
     complete_checkpoints,
     find_checkpoint,
@@ -24,13 +28,16 @@ from tail_kd.checkpoint import (
 class FakeEngine:
     """Writes and reads one file under `<dir>/<tag>/`, as DeepSpeed's engine does (many)."""
 
-    def __init__(self, value: int = 0):
+    def __init__(self, value: int = 0, disk_full: bool = False):
         self.value = value
+        self.disk_full = disk_full
 
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         folder = Path(save_dir) / tag
         folder.mkdir(parents=True)
         (folder / "state.json").write_text(json.dumps({"value": self.value}))
+        if self.disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
 
     def load_checkpoint(self, load_dir: str, tag: str):
         self.value = json.loads((Path(load_dir) / tag / "state.json").read_text())["value"]
@@ -106,3 +113,35 @@ def test_rng_states_round_trip_through_json():
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
     restore_rng(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+@pytest.mark.parametrize("where", ["engine", "trainer_state", "publish"])
+def test_write_errors_name_the_folder_and_keep_the_previous_checkpoint(
+    tmp_path, monkeypatch, where
+):
+    manager = CheckpointManager(tmp_path, single_process(), keep=2)
+    save(manager, 1)
+    engine = FakeEngine(2, disk_full=where == "engine")
+    real_write = checkpoint_module._write_json
+
+    def failing_write(path, obj):
+        if (where == "trainer_state" and path.name == "trainer_state.json") or (
+            where == "publish" and path.name == "COMPLETE"
+        ):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, obj)
+
+    monkeypatch.setattr(checkpoint_module, "_write_json", failing_write)
+    with pytest.raises(CheckpointWriteError) as error:
+        manager.save(engine, 2, {"world_size": 1}, {})
+    message = str(error.value)
+    folder = "step-0000002" if where == "publish" else "tmp-step-0000002"
+    assert f"could not write checkpoint {tmp_path / 'checkpoints' / folder}" in message
+    assert "No space left on device" in message and "disk full" in message
+    assert f"the newest complete checkpoint, {tmp_path / 'checkpoints' / 'step-0000001'}" in message
+    assert "rerun with --resume" in message
+    # Nothing half-written is left; the previous checkpoint is still the newest and loads.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000001"]
+    loaded = FakeEngine()
+    manager.load(loaded, manager.latest())
+    assert loaded.value == 1
