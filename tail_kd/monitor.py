@@ -29,6 +29,7 @@ TRAIN_SCALARS = (
     "lr",
     "grad_norm",
     "tokens_per_sec",
+    "skipped_steps",  # updates skipped for non-finite values so far (tail_kd/train.py)
 )
 EVAL_SCALARS = ("ce", "kl_to_teacher")
 

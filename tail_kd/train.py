@@ -18,8 +18,23 @@ Exit status:
     1   an error (traceback), or another rank's error (that rank reports it)
     2   the recipe, the command line, the output directory, the data or the models cannot be
         used (a message on stderr, no traceback)
+    3   `train.max_skipped_steps` steps in a row had a non-finite loss or gradient: a checkpoint
+        was written and the first bad tensor of each of these steps is named
+    4   another rank died or hangs: a collective failed or timed out (`tail_kd.distributed`)
+    74  a checkpoint could not be written (disk full, quota, I/O error); the previous ones are
+        intact (74 is EX_IOERR)
     75  stopped by SIGUSR1, SIGTERM or SIGINT: the current step finished, a checkpoint was written;
         rerun with `--resume` to continue (75 is EX_TEMPFAIL, "try again later")
+
+Non-finite values: a micro-batch whose loss is NaN or infinite gets NaN gradients, and DeepSpeed
+skips an update whose global gradient norm is not finite (ZeRO-3 checks it in every precision)
+and clears the gradients, leaving the weights, the optimizer state and the LR schedule as they
+were. The skip is agreed by all ranks (the norm is global), counted (`train/skipped_steps` in
+TensorBoard, DeepSpeed's own counter, kept in checkpoints) and explained on the console: the loss
+(rank, micro-batch, terms) or, from the second skipped step in a row on, the parameters whose
+gradients are not finite (checking them costs one pass over each rank's gradient shard, so it is
+done only then). The batches of a skipped step are consumed; `--resume` after a stop continues
+after them. `debug.nan_loss_steps` / `debug.nan_grad_steps` inject such steps to try it out.
 
 On a signal every rank finishes its current optimizer step; the ranks then agree (one all-reduce
 per step) to stop after that same step. A second SIGINT kills the process at once; repeated
@@ -30,12 +45,16 @@ as if given `--resume`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,12 +67,21 @@ from tail_kd.checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
     CheckpointManager,
+    CheckpointWriteError,
     capture_rng,
+    complete_checkpoints,
     restore_rng,
 )
 from tail_kd.config import Recipe, RecipeError, load_recipe
 from tail_kd.data import DataError, DistillationLoader, build_datasets
-from tail_kd.distributed import DistContext, MainProcessFailed, discover_topology, init_distributed
+from tail_kd.distributed import (
+    DistContext,
+    MainProcessFailed,
+    collective_failure,
+    collective_timeout,
+    discover_topology,
+    init_distributed,
+)
 from tail_kd.export import save_student_spec
 from tail_kd.monitor import Monitor
 from tail_kd.pair import load_models, plan_models
@@ -68,10 +96,16 @@ __all__ = [
     "recipe_from_args",
     "EXIT_PREEMPTED",
     "EXIT_USAGE",
+    "EXIT_DIVERGED",
+    "EXIT_RANK_LOST",
+    "EXIT_CHECKPOINT_WRITE",
     "DONE_MARKER",
 ]
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_RANK_LOST = 4
+EXIT_CHECKPOINT_WRITE = 74
 EXIT_PREEMPTED = 75
 DONE_MARKER = "DONE"
 _STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -168,6 +202,18 @@ def run(args: argparse.Namespace) -> int:
         return _input_error(error, topology.rank)
     except MainProcessFailed:
         return 1
+    except CheckpointWriteError as error:
+        print(f"error on rank {topology.rank}: {error}", file=sys.stderr)
+        # With several ranks DeepSpeed's collectives may be out of step: do not wait at exit.
+        if topology.world_size > 1:
+            return _exit_now(EXIT_CHECKPOINT_WRITE)
+        return EXIT_CHECKPOINT_WRITE
+    except Exception as error:
+        if not collective_failure(error):
+            raise
+        print(_rank_lost_message(error, topology.rank, Path(recipe.output_dir)), file=sys.stderr)
+        # The process group is broken: tearing it down at exit can hang or abort.
+        return _exit_now(EXIT_RANK_LOST)
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
@@ -176,6 +222,32 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if args.output_dir is not None:  # as JSON, which YAML reads as a string whatever the path
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")
     return load_recipe(args.recipe, overrides)
+
+
+def _rank_lost_message(error: BaseException, rank: int, run_dir: Path) -> str:
+    """What a rank says when a collective failed: who, where, why, what now."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "tail_kd" in f.filename]
+    where = " in " + " > ".join(
+        f"{f.name} ({Path(f.filename).name}:{f.lineno})" for f in frames[-2:]
+    )
+    checkpoints = complete_checkpoints(run_dir)
+    newest = f"step {checkpoints[-1].step}" if checkpoints else "none"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    seconds = collective_timeout().total_seconds()
+    return (
+        f"error on rank {rank}: a collective operation failed{where if frames else ''}: "
+        f"{first_line}\n"
+        f"Another rank has died, hangs or cannot be reached: look for the first error in the other "
+        f"ranks' logs. Collectives give up after {seconds:g} s (TAIL_KD_COLLECTIVE_TIMEOUT seconds "
+        f"or DEEPSPEED_TIMEOUT minutes). Newest complete checkpoint: {newest}; rerun with --resume."
+    )
+
+
+def _exit_now(status: int) -> int:
+    """Leave at once with `status` (no interpreter teardown, which waits on a broken group)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _input_error(error: Exception, rank: int) -> int:
@@ -202,8 +274,21 @@ def check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             "--resume to continue it, --overwrite to start over, or choose another --output-dir"
         )
     existing = next((p for p in [run_dir, *run_dir.parents] if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK):
-        raise RunDirError(f"output dir {run_dir} cannot be created: {existing} is not writable")
+    if existing is not None and not existing.is_dir():
+        raise RunDirError(
+            f"output dir {run_dir} cannot be created: {existing} is not a directory; choose "
+            "another --output-dir"
+        )
+    try:  # a real write, not os.access: root, read-only mounts, ACLs and network filesystems
+        fd, probe = tempfile.mkstemp(prefix=".tail-kd-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise RunDirError(
+            f"output dir {run_dir} is not writable: cannot create a file in {existing} "
+            f"({error.strerror or error}); choose another --output-dir or make {existing} "
+            "writable"
+        ) from None
 
 
 def clear_output_dir(run_dir: Path, tensorboard_run: Path) -> None:
@@ -270,13 +355,14 @@ class Trainer:
         self.step = 0
         self.first_eval: dict[str, float] | None = None  # held-out numbers before training
         self.last_eval: dict[str, float] | None = None
+        self.skipped: list[tuple[int, str]] = []  # (step, why) of the current run of skipped steps
 
     def run(self) -> int:
         """Set up, train to the end (or to a stop), and return the exit status."""
-        from tail_kd.engines import Distiller, loss_function, model_dtype, student_config
+        from tail_kd.engines import Distiller, check_deepspeed_config, loss_function, model_dtype
 
         recipe, ctx = self.recipe, self.ctx
-        student_config(recipe, ctx.world_size, ctx.device.type)  # rejects bad `deepspeed:` keys now
+        check_deepspeed_config(recipe, ctx.world_size, ctx.device.type)  # bad `deepspeed:` keys
         if not ctx.is_main:  # one set of progress bars per job
             hf_logging.disable_progress_bar()
             datasets.disable_progress_bars()
@@ -343,10 +429,19 @@ class Trainer:
         if self.step == 0 and self.eval_set is not None:
             self.first_eval = self._evaluate()
         while self.step < total:
-            metrics = self._train_step()
+            metrics, skipped = self._train_step()
             self.step += 1
             self.monitor.advance(self.step)
-            if self.step % recipe.log.every == 0 or self.step == total:
+            if skipped is None:
+                self.skipped = []
+            else:
+                self.skipped.append((self.step, skipped))
+                self.monitor.print(
+                    f"step {self.step}: update skipped ({len(self.skipped)} in a row, the run "
+                    f"stops at train.max_skipped_steps={recipe.train.max_skipped_steps}): "
+                    f"{skipped}"
+                )
+            if self.step % recipe.log.every == 0 or self.step == total or skipped is not None:
                 self.monitor.log_train(self.step, metrics)
             at_eval = recipe.eval.every and self.step % recipe.eval.every == 0
             if self.eval_set is not None and (at_eval or self.step == total):
@@ -354,8 +449,13 @@ class Trainer:
             signalled = ctx.any(self.stop_flag.signal_name is not None)
             stop_asked = stop_after is not None and self.step >= stop_after
             at_checkpoint = recipe.checkpoint.every and self.step % recipe.checkpoint.every == 0
-            if at_checkpoint or self.step == total or signalled or stop_asked:
+            diverged = len(self.skipped) >= recipe.train.max_skipped_steps
+            if at_checkpoint or self.step == total or signalled or stop_asked or diverged:
                 self._save()
+            if diverged:
+                if ctx.is_main:
+                    print(self._diverged_message(), file=sys.stderr, flush=True)
+                return EXIT_DIVERGED
             if self.step < total and signalled:
                 self.monitor.print(
                     f"stopped by a signal after step {self.step}; continue with --resume"
@@ -377,24 +477,47 @@ class Trainer:
             )
         return 0
 
-    def _train_step(self) -> dict[str, float]:
+    def _train_step(self) -> tuple[dict[str, float], str | None]:
         """One optimizer step: `accumulation` micro-batches forward + backward, then the update.
+
+        Returns the step's metrics and, when the update was skipped for non-finite values, what
+        was not finite (the same text on every rank; see the module docstring).
 
         The logged loss terms are means over micro-batches and ranks, the same weighting the
         gradient gets (DeepSpeed divides each micro-batch's gradient by the accumulation steps).
         """
         engine = self.distiller.student
         start = time.perf_counter()
+        step = self.step + 1
         lr = engine.get_lr()[0]  # the scheduler moves on inside the last engine.step()
-        sums = torch.zeros(len(_TRAIN_STATS) + 1, device=self.ctx.device)
-        for _ in range(self.accumulation):
-            batch = next(self.loader)
-            out = self.distiller.forward(batch)
-            engine.backward(out["loss"])
-            engine.step()
-            tokens = batch["attention_mask"].sum().to(sums.device, sums.dtype)
-            sums += torch.stack([*(out[name].detach() for name in _TRAIN_STATS), tokens])
-        totals = self.ctx.sum(sums).tolist()
+        inspect = bool(self.skipped)  # the previous update was skipped: name bad gradients now
+        bad_parameters: list[str] = []
+        rows = []
+        with self._injected_faults(step):
+            for micro in range(self.accumulation):
+                batch = next(self.loader)
+                out = self.distiller.forward(batch)
+                loss = out["loss"]
+                if step in self.recipe.debug.nan_loss_steps:
+                    loss = loss * float("nan")
+                # x 1 when finite (bit-identical); x NaN otherwise, so that the update is skipped
+                # whatever gradients the loss produced (the fused loss makes them in its forward).
+                finite = torch.isfinite(loss)
+                nan = torch.full_like(loss, math.nan)
+                engine.backward(loss * torch.where(finite, torch.ones_like(loss), nan))
+                if inspect and micro == self.accumulation - 1:
+                    bad_parameters = self._nonfinite_gradients()
+                engine.step()
+                tokens = batch["attention_mask"].sum().to(loss.device, torch.float32)
+                rows.append(
+                    torch.stack(
+                        [loss.detach().float()]
+                        + [out[name].detach().float() for name in _TRAIN_STATS[1:]]
+                        + [tokens]
+                    )
+                )
+        per_micro_batch = torch.stack(rows)
+        totals = self.ctx.sum(per_micro_batch.sum(0)).tolist()
         seconds = time.perf_counter() - start
         micro_batches = self.accumulation * self.ctx.world_size
         metrics = {name: value / micro_batches for name, value in zip(_TRAIN_STATS, totals)}
@@ -402,8 +525,83 @@ class Trainer:
             lr=lr,
             grad_norm=float(engine.get_global_grad_norm()),
             tokens_per_sec=totals[-1] / seconds,
+            skipped_steps=float(engine.skipped_steps),
         )
-        return metrics
+        if engine.was_step_applied():
+            return metrics, None
+        return metrics, self._why_skipped(per_micro_batch, bad_parameters, inspect)
+
+    @contextlib.contextmanager
+    def _injected_faults(self, step: int):
+        """`debug.nan_grad_steps`: a NaN gradient for the student's last parameter at `step`."""
+        handles = []
+        if step in self.recipe.debug.nan_grad_steps:
+            _, parameter = list(self.distiller.student.module.named_parameters())[-1]
+            handles.append(parameter.register_hook(lambda grad: grad * math.nan))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _nonfinite_gradients(self) -> list[str]:
+        """The student parameters whose gradient is not finite on some rank, in model order.
+
+        Call between the last backward of a step and its `engine.step()`; a collective.
+        """
+        from deepspeed.utils import safe_get_local_grad
+
+        named = list(self.distiller.student.module.named_parameters())
+        local = []
+        for name, parameter in named:
+            if parameter.requires_grad:
+                grad = safe_get_local_grad(parameter)
+                if grad is not None and not bool(torch.isfinite(grad).all()):
+                    local.append(name)
+        bad = {name for names in self.ctx.all_gather(local) for name in names}
+        return [name for name, _ in named if name in bad]
+
+    def _why_skipped(
+        self, per_micro_batch: torch.Tensor, bad_parameters: list[str], inspected: bool
+    ) -> str:
+        """What was not finite in a skipped step (a collective: every rank calls it)."""
+        values = per_micro_batch.cpu()
+        bad_rows = (~torch.isfinite(values[:, 0])).nonzero().flatten().tolist()
+        local = None
+        if bad_rows:
+            row = values[bad_rows[0]]
+            local = (bad_rows[0], row[0].item(), row[1].item(), row[2].item())
+        reports = self.ctx.all_gather(local)
+        for rank, report in enumerate(reports):
+            if report is not None:
+                micro, loss, ce, divergence = report
+                return (
+                    f"the loss is not finite (rank {rank}, micro-batch {micro + 1} of "
+                    f"{self.accumulation}: loss {loss}, ce {ce}, divergence {divergence})"
+                )
+        if bad_parameters:
+            more = len(bad_parameters) - 1
+            others = f" (and {more} more parameter{'s' if more > 1 else ''})" if more else ""
+            return f"the gradient of {bad_parameters[0]} is not finite{others}"
+        if inspected:
+            return "the global gradient norm is not finite"
+        return (
+            "the gradients are not finite (global norm not finite, loss finite); if the next "
+            "step is skipped too, its bad parameters are named"
+        )
+
+    def _diverged_message(self) -> str:
+        steps = "\n".join(f"  step {step}: {why}" for step, why in self.skipped)
+        first_step = self.skipped[0][0]
+        return (
+            f"error: stopped after step {self.step}: the last {len(self.skipped)} updates were "
+            f"skipped for non-finite values (train.max_skipped_steps="
+            f"{self.recipe.train.max_skipped_steps}):\n{steps}\n"
+            f"The weights are those after step {first_step - 1} (skipped updates change nothing) "
+            f"and are saved in {self.checkpoints.root / f'step-{self.step:07d}'}. Lower train.lr, "
+            f"look at the data of these steps, or raise train.max_skipped_steps; --resume "
+            f"continues after the skipped batches."
+        )
 
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
