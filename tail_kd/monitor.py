@@ -15,10 +15,10 @@ from typing import Mapping
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-__all__ = ["Monitor", "TRAIN_SCALARS", "EVAL_SCALARS", "format_metrics"]
+__all__ = ["Monitor", "LOSS_SCALARS", "TRAIN_SCALARS", "EVAL_SCALARS", "format_metrics"]
 
-# Logged as train/<name> at every log step, and eval/<name> at every evaluation.
-TRAIN_SCALARS = (
+# The loss terms every training forward returns (tail_kd.engines.StudentWithLoss), averaged per step.
+LOSS_SCALARS = (
     "loss",
     "ce",
     "divergence",
@@ -26,6 +26,9 @@ TRAIN_SCALARS = (
     "teacher_tail_mass",
     "student_tail_mass",
     "student_topk_mass",
+)
+# Logged as train/<name> at every log step, and eval/<name> at every evaluation.
+TRAIN_SCALARS = LOSS_SCALARS + (
     "lr",
     "grad_norm",
     "tokens_per_sec",

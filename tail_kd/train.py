@@ -83,7 +83,7 @@ from tail_kd.distributed import (
     init_distributed,
 )
 from tail_kd.export import save_student_spec
-from tail_kd.monitor import Monitor
+from tail_kd.monitor import LOSS_SCALARS, Monitor
 from tail_kd.pair import load_models, plan_models
 
 # tail_kd.engines imports DeepSpeed, which fixes its accelerator (cpu or cuda) at import time: it is
@@ -109,15 +109,6 @@ EXIT_CHECKPOINT_WRITE = 74
 EXIT_PREEMPTED = 75
 DONE_MARKER = "DONE"
 _STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-_TRAIN_STATS = (
-    "loss",
-    "ce",
-    "divergence",
-    "kl_to_teacher",
-    "teacher_tail_mass",
-    "student_tail_mass",
-    "student_topk_mass",
-)
 
 
 class RunDirError(RecipeError):
@@ -512,7 +503,7 @@ class Trainer:
                 rows.append(
                     torch.stack(
                         [loss.detach().float()]
-                        + [out[name].detach().float() for name in _TRAIN_STATS[1:]]
+                        + [out[name].detach().float() for name in LOSS_SCALARS[1:]]
                         + [tokens]
                     )
                 )
@@ -520,7 +511,7 @@ class Trainer:
         totals = self.ctx.sum(per_micro_batch.sum(0)).tolist()
         seconds = time.perf_counter() - start
         micro_batches = self.accumulation * self.ctx.world_size
-        metrics = {name: value / micro_batches for name, value in zip(_TRAIN_STATS, totals)}
+        metrics = {name: value / micro_batches for name, value in zip(LOSS_SCALARS, totals)}
         metrics.update(
             lr=lr,
             grad_norm=float(engine.get_global_grad_norm()),
