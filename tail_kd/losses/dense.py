@@ -121,21 +121,21 @@ def tad_divergence(
     return torch.where(mask, divergence, 0.0)
 
 
+def _kl(p_logits: Tensor, q_logits: Tensor, mask: Tensor) -> Tensor:
+    """Per-token KL(softmax(p_logits) || softmax(q_logits)) [B, T], 0 where mask is False."""
+    dtype = _compute_dtype(p_logits)
+    log_p = p_logits.to(dtype).log_softmax(-1)
+    log_q = q_logits.to(dtype).log_softmax(-1)
+    return torch.where(mask, (log_p.exp() * (log_p - log_q)).sum(-1), 0.0)
+
+
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
     """Per-token KL(p || q) = sum_i p_i log(p_i / q_i) [B, T] (0 where mask is False)."""
     _check_shapes(student_logits, teacher_logits, mask)
-    dtype = _compute_dtype(teacher_logits)
-    log_p = teacher_logits.to(dtype).log_softmax(-1)
-    log_q = student_logits.to(dtype).log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return torch.where(mask, kl, 0.0)
+    return _kl(teacher_logits, student_logits, mask)
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
     """Per-token KL(q || p) = sum_i q_i log(q_i / p_i) [B, T] (0 where mask is False)."""
     _check_shapes(student_logits, teacher_logits, mask)
-    dtype = _compute_dtype(student_logits)
-    log_p = teacher_logits.to(dtype).log_softmax(-1)
-    log_q = student_logits.to(dtype).log_softmax(-1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
-    return torch.where(mask, kl, 0.0)
+    return _kl(student_logits, teacher_logits, mask)
