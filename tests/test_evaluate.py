@@ -247,6 +247,14 @@ def test_normalize_and_match():
     assert not is_correct("I do not know", "#### 42")
 
 
+def test_strict_extraction_accepts_marked_answers_only():
+    degenerate = "1111 1 11 1 1  1"  # the flexible fallback credits this for the answer 1
+    assert is_correct(degenerate, "#### 1") and not is_correct(degenerate, "#### 1", strict=True)
+    assert extract_answer("so it is 7", strict=True) is None
+    assert extract_answer("so it is 7\n#### 7", strict=True) == "7"
+    assert is_correct("#### 1,000", "#### 1000", strict=True)
+
+
 def test_lm_eval_task_scoring_uses_the_same_extraction():
     from tail_kd.lm_eval_tasks.gsm_symbolic.utils import process_results
 
@@ -347,7 +355,9 @@ def test_eval_of_a_run_matches_the_model_loss_the_trainer_and_its_export(tiny, c
     y = batch["labels"][:, 1:].flatten().numpy()
     assert metrics["ece"] == pytest.approx(numpy_ece(q, y), rel=1e-3, abs=1e-6)
     assert metrics["full_ece"] == pytest.approx(numpy_full_ece(q, y), rel=1e-3, abs=1e-6)
-    assert report["gsm"]["problems"] == 3 and metrics["gsm_accuracy"] == 0.0
+    assert report["gsm"]["problems"] == 3 and len(report["gsm"]["details"]) == 3
+    assert metrics["gsm_accuracy"] == sum(d["correct"] for d in report["gsm"]["details"]) / 3
+    assert metrics["gsm_strict_accuracy"] <= metrics["gsm_accuracy"]
 
     # The trainer's final held-out CE and KL (fused loss, ZeRO-3) on the same 8 sequences.
     logged = _tensorboard(tiny["run"] / "tensorboard" / "tiny-tad")

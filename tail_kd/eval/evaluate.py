@@ -22,7 +22,8 @@ number of sequences scored.
 The metrics (definitions and citations in tail_kd/eval/metrics.py and tail_kd/eval/maths.py):
 ce, perplexity, top1_accuracy, ece, full_ece, and with `--teacher` (same tokenizer, or a
 vocabulary of which the model's is a prefix) kl_to_teacher and top1_agreement; with `--gsm N`,
-gsm_accuracy on N held-out gsm_symbolic problems (greedy, batched). The report is printed, written
+gsm_accuracy and gsm_strict_accuracy (`#### N` answers only) on N held-out gsm_symbolic problems
+(greedy, batched). The report is printed, written
 as JSON with `--out`, and logged as TensorBoard scalars `eval/<metric>` with `--tensorboard DIR`
 (at the checkpoint's step, or `--tb-step`).
 """
@@ -48,6 +49,7 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "load_eval_data",
+    "hidden_states",
     "token_metrics",
     "evaluate",
     "write_tensorboard",
@@ -65,6 +67,7 @@ REPORTED = (
     "kl_to_teacher",
     "top1_agreement",
     "gsm_accuracy",
+    "gsm_strict_accuracy",
 )
 DEFAULT_CACHE = "runs/.cache"
 
@@ -96,9 +99,10 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def load_model(
-    reference: str, *, step: int | None = None, cache_dir: str = DEFAULT_CACHE
+    reference: str, *, step: int | None = None, cache_dir: str = DEFAULT_CACHE, device: str = "cpu"
 ) -> LoadedModel:
-    """A run directory's student (float32) or the model a reference names (module docstring)."""
+    """A run directory's student or the model a reference names (module docstring), in float32
+    on `device`."""
     from transformers import AutoTokenizer, GenerationConfig
 
     from tail_kd.checkpoint import find_checkpoint
@@ -114,11 +118,11 @@ def load_model(
             model.generation_config = GenerationConfig.from_pretrained(spec)
         recipe = find_checkpoint(run_dir, saved_step).trainer_state.get("recipe")
         tokenizer = AutoTokenizer.from_pretrained(spec)
-        return LoadedModel(model.eval(), tokenizer, str(run_dir), saved_step, recipe)
+        return LoadedModel(model.to(device).eval(), tokenizer, str(run_dir), saved_step, recipe)
     if step is not None:
         raise EvalError(f"--step needs a training run directory; {reference} is not one")
     folder = resolve_model_dir(resolve_reference(reference, cache_dir), cache_dir)
-    model = load_causal_lm(folder, torch.float32).eval()
+    model = load_causal_lm(folder, torch.float32).to(device).eval()
     return LoadedModel(model, load_tokenizer(folder), reference)
 
 
@@ -246,26 +250,45 @@ def _batches(items: Sequence[dict], batch_size: int) -> Iterator[dict[str, torch
 
 
 @torch.no_grad()
+def hidden_states(model: Any, items: Sequence[dict], batch_size: int = 8) -> list[torch.Tensor]:
+    """`model`'s final hidden states for each batch of `items`: a teacher's, computed once to
+    score several students (`token_metrics(..., teacher_hidden=...)`)."""
+    device = next(model.parameters()).device
+    return [
+        model.base_model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            use_cache=False,
+        ).last_hidden_state
+        for batch in _batches(items, batch_size)
+    ]
+
+
+@torch.no_grad()
 def token_metrics(
     model: Any,
     items: Sequence[dict[str, torch.Tensor]],
     *,
     teacher: Any = None,
+    teacher_hidden: Sequence[torch.Tensor] | None = None,
     vocab_size: int | None = None,
     batch_size: int = 8,
     chunk_size: int = 128,
     num_bins: int = NUM_BINS,
 ) -> TokenMetrics:
     """Score `items` with `model` (and `teacher`): final hidden states per batch, then logits for
-    `chunk_size` positions at a time (`score_hidden_states`)."""
+    `chunk_size` positions at a time (`score_hidden_states`). `teacher_hidden`, from
+    `hidden_states(teacher, items, batch_size)`, spares the teacher's forward passes."""
     metrics = TokenMetrics(num_bins)
     device = next(model.parameters()).device
-    for batch in _batches(items, batch_size):
+    for index, batch in enumerate(_batches(items, batch_size)):
         batch = {key: value.to(device) for key, value in batch.items()}
         inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
         t_hidden = None
-        if teacher is not None:
+        if teacher is not None and teacher_hidden is not None:
+            t_hidden = teacher_hidden[index]
+        elif teacher is not None:
             t_hidden = teacher.base_model(**inputs, use_cache=False).last_hidden_state
         score_hidden_states(
             metrics,
@@ -324,6 +347,7 @@ def evaluate(
             max_new_tokens=max_new_tokens,
         )
         scores["gsm_accuracy"] = result["accuracy"]
+        scores["gsm_strict_accuracy"] = result["strict_accuracy"]
         report["gsm"] = {
             "seed": seed,
             "excluded_train_examples": train_examples,
@@ -404,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-size", type=int, default=128, help="positions per logits chunk")
     parser.add_argument("--seq-len", type=int, default=256, help="data files: sequence length")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help="converted GGUF models, tiny://")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1"
+    )
     return parser
 
 
@@ -412,11 +439,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tail_kd.data import DataError
 
     args = build_parser().parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        student = load_model(args.model, step=args.step, cache_dir=args.cache_dir)
+        student = load_model(args.model, step=args.step, cache_dir=args.cache_dir, device=device)
         teacher = None
         if args.teacher:
-            teacher = load_model(args.teacher, cache_dir=args.cache_dir)
+            teacher = load_model(args.teacher, cache_dir=args.cache_dir, device=device)
         data = load_eval_data(
             args.data,
             student.tokenizer,

@@ -11,11 +11,14 @@ Protocol (the usual GSM8K one, as in Cobbe et al. 2021 and lm-evaluation-harness
 3. Generation: greedy, batched (left padding), until EOS, until the completion has written a
    complete `#### <number>` line, or `max_new_tokens`.
 4. Extraction (`extract_answer`): the number after the first `####`; if there is none, the last
-   number in the completion (lm-evaluation-harness's "strict" then "flexible" extraction).
+   number in the completion (lm-evaluation-harness's "strict" then "flexible" extraction). The
+   fallback can credit a degenerate completion whose last number happens to be the answer (a
+   string of 1s for the answer 1), so the strict score, which accepts `#### N` answers only
+   (`strict=True`), is reported beside it.
    Numbers are normalised: thousands separators and `$` dropped, trailing zeros of decimals
    removed (`1,234.50` -> `1234.5`, `18.0` -> `18`).
 5. Score: exact match of the normalised predicted and reference numbers; accuracy = the fraction
-   of problems matched.
+   of problems matched (`accuracy`, and `strict_accuracy` with the `####`-only extraction).
 """
 
 from __future__ import annotations
@@ -60,18 +63,22 @@ def normalize_number(text: str) -> str | None:
     return format(value.normalize(), "f")
 
 
-def extract_answer(text: str) -> str | None:
-    """The normalised answer of a completion: after the first `####`, else the last number."""
+def extract_answer(text: str, strict: bool = False) -> str | None:
+    """The normalised answer of a completion: after the first `####`, else (unless `strict`) the
+    last number."""
     marked = _MARKED.search(text)
     if marked is not None:
         return normalize_number(marked.group(1))
+    if strict:
+        return None
     numbers = _ANY_NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
 
 
-def is_correct(completion: str, reference: str) -> bool:
-    """Exact match of the answers extracted from a completion and a reference solution."""
-    predicted = extract_answer(completion)
+def is_correct(completion: str, reference: str, strict: bool = False) -> bool:
+    """Exact match of the answers extracted from a completion (`####` only when `strict`) and a
+    reference solution."""
+    predicted = extract_answer(completion, strict)
     return predicted is not None and predicted == extract_answer(reference)
 
 
@@ -175,8 +182,9 @@ def maths_accuracy(
     batch_size: int = 16,
     max_new_tokens: int = 256,
 ) -> dict[str, Any]:
-    """Exact-match accuracy of greedy answers to `problems` [(question, solution)], with the
-    per-problem details (question, reference, completion, extracted answers, correct)."""
+    """Exact-match accuracy (and strict accuracy) of greedy answers to `problems`
+    [(question, solution)], with the per-problem details (question, reference, completion,
+    extracted answer, correct, correct_strict)."""
     prompts = [prompt_for(question, tokenizer) for question, _ in problems]
     completions = generate_greedy(
         model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens
@@ -189,13 +197,17 @@ def maths_accuracy(
                 "reference": extract_answer(solution),
                 "predicted": extract_answer(completion),
                 "correct": is_correct(completion, solution),
+                "correct_strict": is_correct(completion, solution, strict=True),
                 "completion": completion,
             }
         )
     correct = sum(d["correct"] for d in details)
+    strict = sum(d["correct_strict"] for d in details)
     return {
         "accuracy": correct / len(details) if details else float("nan"),
+        "strict_accuracy": strict / len(details) if details else float("nan"),
         "correct": correct,
+        "correct_strict": strict,
         "problems": len(details),
         "details": details,
     }
