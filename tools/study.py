@@ -582,7 +582,7 @@ def plot_k_beta(methods, summary, out: Path) -> str | None:
     baseline_style = {"ce": ("black", "CE only"), "kd": ("tab:blue", "vanilla KD"),
                       "rkl": ("tab:orange", "reverse KL")}  # fmt: skip
     for ax, metric, title in zip(axes, panels, titles, strict=True):
-        for beta, marker in ((1.0, "o"), (2.0, "s")):
+        for beta, marker, color in ((1.0, "o", "tab:green"), (2.0, "s", "tab:purple")):
             points = sorted((m.tad[0], summary[m.name][metric]) for m in tads if m.tad[1] == beta)
             if not points:
                 continue
@@ -590,7 +590,13 @@ def plot_k_beta(methods, summary, out: Path) -> str | None:
             means = [s["mean"] for _, s in points]
             errors = [s["std"] or 0.0 for _, s in points]
             ax.errorbar(
-                ks, means, yerr=errors, marker=marker, capsize=3, label=f"TAD beta={beta:g}"
+                ks,
+                means,
+                yerr=errors,
+                marker=marker,
+                capsize=3,
+                color=color,
+                label=f"TAD beta={beta:g}",
             )
         for name, (color, label) in baseline_style.items():
             if name in summary:
@@ -600,7 +606,10 @@ def plot_k_beta(methods, summary, out: Path) -> str | None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("TAD against K and beta (normalised), baselines dashed; lower is better")
+    fig.suptitle(
+        "TAD against K and beta (normalised; bars: +-1 standard deviation over seeds), "
+        "baselines dashed; lower is better"
+    )
     fig.tight_layout()
     fig.savefig(out / "metric_vs_k_beta.png", dpi=110)
     plt.close(fig)
@@ -651,6 +660,8 @@ def write_readme(out: Path, results: dict[str, Any], table: str, figures: list[s
         "```bash",
         *results["commands"],
         "```",
+        f"This report was written by `{results['report_command']}`.",
+        "",
         f"- machine: {m.get('cpu', '?')}, {m['cpu_count']} CPUs, {m.get('memory_gb', '?')} GB"
         + (f", GPUs: {', '.join(m['gpus'])}" if m.get("gpus") else ", no GPU")
         + f"; {m['platform']}; Python {m['python']}, torch {m['torch']}",
@@ -759,9 +770,11 @@ def main(argv: list[str] | None = None) -> int:
         log_file.flush()
 
     log(f"study {args.scale}: {len(methods)} methods x seeds {list(scale.seeds)}; work {work}")
-    command = "python tools/study.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    with open(work / "commands.txt", "a") as history:  # every invocation that made these runs
-        history.write(command.strip() + "\n")
+    given = sys.argv[1:] if argv is None else argv
+    invocation = f"python tools/study.py {shlex.join(given)}".strip()
+    if not args.report_only:
+        with open(work / "commands.txt", "a") as history:  # the invocations that made the runs
+            history.write(invocation + "\n")
     evaluator = None
     runs: dict[str, dict[int, dict]] = {}
     curves: dict[str, dict] = {}
@@ -820,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     results = {
         "commands": (work / "commands.txt").read_text().splitlines(),
+        "report_command": invocation,
         "machine": machine(),
         "scale": asdict(scale),
         "methods": [m.name for m in methods],
