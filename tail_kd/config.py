@@ -19,6 +19,7 @@ Paths in a recipe are relative to the working directory of the run, not to the r
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -614,3 +615,15 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def add_override_argument(parser: argparse.ArgumentParser, example: str = "train.lr=3e-4") -> None:
+    """The `--set KEY=VALUE` option (repeatable) whose values `load_recipe(path, overrides)` takes."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a recipe field, e.g. --set {example} (repeatable)",
+    )

@@ -72,7 +72,7 @@ from tail_kd.checkpoint import (
     complete_checkpoints,
     restore_rng,
 )
-from tail_kd.config import Recipe, RecipeError, load_recipe
+from tail_kd.config import Recipe, RecipeError, add_override_argument, load_recipe
 from tail_kd.data import DataError, DistillationLoader, build_datasets
 from tail_kd.distributed import (
     DistContext,
@@ -122,14 +122,7 @@ def build_parser(prog: str = "python -m tail_kd.train") -> argparse.ArgumentPars
     parser.add_argument(
         "recipe", help="recipe YAML file (see docs/ARCHITECTURE.md, 'Recipe schema')"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe field, e.g. --set train.lr=3e-4 (repeatable)",
-    )
+    add_override_argument(parser)
     parser.add_argument(
         "--output-dir", help="where checkpoints, TensorBoard events and DONE go (recipe output_dir)"
     )

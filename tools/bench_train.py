@@ -29,11 +29,13 @@ import warnings
 
 import torch
 
+from tail_kd.config import add_override_argument
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_override_argument(p)
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant, after one warm-up")
     p.add_argument("--losses", nargs="+", default=["tad", "forward_kl"])
     p.add_argument("--json", help="write the results to this file")

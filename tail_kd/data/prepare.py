@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 
-from tail_kd.config import RecipeError, load_recipe
+from tail_kd.config import RecipeError, add_override_argument, load_recipe
 from tail_kd.data import prepare_datasets
 from tail_kd.data.sources import DataError
 from tail_kd.models.loading import load_tokenizer, resolve_model_dir
@@ -27,14 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     """Prepare the data of the recipe named in `argv`, print a summary, return the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe field, e.g. --set data.seq_len=512 (repeatable)",
-    )
+    add_override_argument(parser, "data.seq_len=512")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

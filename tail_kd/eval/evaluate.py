@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from tail_kd.config import add_override_argument
 from tail_kd.eval.maths import held_out_problems, maths_accuracy
 from tail_kd.eval.metrics import NUM_BINS, TokenMetrics, score_hidden_states
 
@@ -407,10 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model", help="a run directory, or a model folder / .gguf / pkg:// / hub id"
     )
     parser.add_argument("--data", help="recipe YAML (its held-out set) or a jsonl/parquet/txt file")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a field of the data recipe, e.g. --set data.eval_examples=64",
-    )  # fmt: skip
+    add_override_argument(parser, "data.eval_examples=64")
     parser.add_argument("--teacher", help="teacher model (same vocabulary): adds kl_to_teacher")
     parser.add_argument("--out", help="write the JSON report here")
     parser.add_argument("--tensorboard", metavar="DIR", help="log eval/<metric> scalars to DIR")
