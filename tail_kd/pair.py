@@ -36,10 +36,10 @@ from tail_kd.config import Recipe, RecipeError
 from tail_kd.distributed import DistContext
 from tail_kd.models import (
     VocabularyMismatchError,
-    build_derived_student,
     build_tiny_pair,
     check_vocabularies,
     derive_student_config,
+    init_from_teacher,
     load_causal_lm,
     load_tokenizer,
     resolve_model_dir,
@@ -159,15 +159,9 @@ def load_models(
     teacher = load_causal_lm(plan.teacher_dir, teacher_dtype)
     _seed_everything(recipe.seed)
     s_cfg = recipe.student
-    if s_cfg.init == "derived":
-        student = build_derived_student(
-            teacher,
-            num_layers=s_cfg.num_layers,
-            hidden_size=s_cfg.hidden_size,
-            intermediate_size=s_cfg.intermediate_size,
-            num_attention_heads=s_cfg.num_attention_heads,
-            num_key_value_heads=s_cfg.num_key_value_heads,
-        )
+    if s_cfg.init == "derived":  # its config was derived (and checked) by plan_models
+        student = AutoModelForCausalLM.from_config(plan.student_config, dtype=teacher.dtype)
+        init_from_teacher(student, teacher)
     elif s_cfg.init == "config":
         student = AutoModelForCausalLM.from_config(plan.student_config)
     else:
