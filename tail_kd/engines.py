@@ -48,6 +48,7 @@ from transformers import PreTrainedModel
 
 from tail_kd.config import Recipe, RecipeError
 from tail_kd.distributed import DistContext
+from tail_kd.eval.metrics import TokenMetrics, score_hidden_states
 from tail_kd.losses import (
     IGNORE_INDEX,
     TADLossOutput,
@@ -468,4 +469,30 @@ class Distiller:
         with deepspeed.zero.GatheredParameters([teacher_head]):  # read-only: no modifier_rank
             return self.student(
                 input_ids, attention_mask, labels, teacher_hidden, teacher_head.data
+            )
+
+    @torch.no_grad()
+    def score(self, batch: Mapping[str, Tensor], metrics: TokenMetrics, vocab_size: int) -> None:
+        """Add a held-out micro-batch to `metrics` (tail_kd.eval, the code `tail-kd eval` runs):
+        both backbones' final hidden states, then logits for a few hundred positions at a time
+        (`score_hidden_states`) from the gathered lm_heads, real vocabulary rows only. Call it on every rank (ZeRO-3
+        gathers the weights of each module collectively); sum the ranks' `metrics.state()`."""
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        teacher_hidden = self.teacher(input_ids, attention_mask)
+        student = self.student.module
+        hidden = student.student.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        heads = [student.lm_head_weight, self.teacher_lm_head]
+        with deepspeed.zero.GatheredParameters(heads):  # read-only: no modifier_rank
+            student_weight, teacher_weight = (head.data for head in heads)
+            score_hidden_states(
+                metrics,
+                hidden,
+                lambda h: F.linear(h, student_weight),
+                batch["labels"].to(self.device),
+                teacher_hidden,
+                lambda h: F.linear(h, teacher_weight),
+                vocab_size=vocab_size,
             )

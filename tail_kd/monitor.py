@@ -15,6 +15,8 @@ from typing import Mapping
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from tail_kd.eval.metrics import TOKEN_METRICS
+
 __all__ = ["Monitor", "LOSS_SCALARS", "TRAIN_SCALARS", "EVAL_SCALARS", "format_metrics"]
 
 # The loss terms every training forward returns (tail_kd.engines.StudentWithLoss), averaged per step.
@@ -34,13 +36,19 @@ TRAIN_SCALARS = LOSS_SCALARS + (
     "tokens_per_sec",
     "skipped_steps",  # updates skipped for non-finite values so far (tail_kd/train.py)
 )
-EVAL_SCALARS = ("ce", "kl_to_teacher")
+# Held-out token metrics (tail_kd.eval.metrics, the same code as `tail-kd eval`).
+EVAL_SCALARS = TOKEN_METRICS
 
 _SHORT_NAMES = {
     "loss": "loss",
     "ce": "ce",
     "divergence": "div",
     "kl_to_teacher": "kl",
+    "perplexity": "ppl",
+    "top1_accuracy": "top1",
+    "ece": "ece",
+    "full_ece": "full_ece",
+    "top1_agreement": "agree",
     "teacher_tail_mass": "tailT",
     "student_tail_mass": "tailS",
     "lr": "lr",

@@ -82,6 +82,7 @@ from tail_kd.distributed import (
     discover_topology,
     init_distributed,
 )
+from tail_kd.eval.metrics import TokenMetrics
 from tail_kd.export import save_student_spec
 from tail_kd.monitor import LOSS_SCALARS, Monitor
 from tail_kd.pair import load_models, plan_models
@@ -381,6 +382,7 @@ class Trainer:
             recipe, plan.vocab_size, ctx.device.type, reference=self.args.reference_loss
         )
         self.distiller = Distiller(teacher, student, recipe, ctx, loss_fn)
+        self.vocab_size = plan.vocab_size
         self.accumulation = recipe.gradient_accumulation_steps(ctx.world_size)
         self.checkpoints = CheckpointManager(self.run_dir, ctx, recipe.checkpoint.keep)
         latest = self.checkpoints.latest() if self.args.resume else None
@@ -589,23 +591,22 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
-        """Held-out CE and KL(teacher || student), token-weighted over all ranks, logged."""
+        """Held-out metrics of tail_kd.eval (CE, perplexity, top-1, ECE, Full-ECE, KL to the
+        teacher, top-1 agreement) over `eval.max_batches` micro-batches per rank, all ranks'
+        positions together, logged as eval/<name>."""
         recipe, ctx = self.recipe, self.ctx
         loader = DistillationLoader(
             self.eval_set, recipe.train.micro_batch_size, ctx.rank, ctx.world_size, recipe.seed
         )
-        engine = self.distiller.student
-        engine.eval()
-        sums = torch.zeros(3, device=ctx.device)
+        metrics = TokenMetrics()
+        self.distiller.student.eval()
         for _ in range(min(recipe.eval.max_batches, loader.batches_per_epoch)):
-            out = self.distiller.forward(next(loader))
-            n = out["num_tokens"]
-            sums += torch.stack([out["ce"] * n, out["kl_to_teacher"] * n, n])
-        engine.train()
-        ce, kl, n = ctx.sum(sums).tolist()
-        metrics = {"ce": ce / max(n, 1), "kl_to_teacher": kl / max(n, 1)}
-        self.monitor.log_eval(self.step, metrics)
-        return metrics
+            self.distiller.score(next(loader), metrics, self.vocab_size)
+        self.distiller.student.train()
+        metrics.load_state(ctx.sum(metrics.state().to(ctx.device)))
+        result = metrics.result()
+        self.monitor.log_eval(self.step, result)
+        return result
 
     def _save(self) -> None:
         trainer_state = {

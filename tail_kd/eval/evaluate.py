@@ -44,7 +44,7 @@ import torch
 
 from tail_kd.config import add_override_argument
 from tail_kd.eval.maths import held_out_problems, maths_accuracy
-from tail_kd.eval.metrics import NUM_BINS, TokenMetrics, score_hidden_states
+from tail_kd.eval.metrics import NUM_BINS, TOKEN_METRICS, TokenMetrics, score_hidden_states
 
 __all__ = [
     "LoadedModel",
@@ -59,17 +59,7 @@ __all__ = [
 ]
 
 # The scalars of a report, in the order they are printed and logged as eval/<name>.
-REPORTED = (
-    "ce",
-    "perplexity",
-    "top1_accuracy",
-    "ece",
-    "full_ece",
-    "kl_to_teacher",
-    "top1_agreement",
-    "gsm_accuracy",
-    "gsm_strict_accuracy",
-)
+REPORTED = TOKEN_METRICS + ("gsm_accuracy", "gsm_strict_accuracy")
 DEFAULT_CACHE = "runs/.cache"
 
 

@@ -52,6 +52,7 @@ from torch import Tensor
 __all__ = [
     "IGNORE_INDEX",
     "NUM_BINS",
+    "TOKEN_METRICS",
     "bin_index",
     "CalibrationBins",
     "TokenMetrics",
@@ -126,6 +127,18 @@ class CalibrationBins:
 
     def load_state(self, state: Tensor) -> None:
         self.counts, self.prob_sums, self.hit_sums = state.double().cpu().view(3, -1).clone()
+
+
+# The names `TokenMetrics.result()` gives a value, in the order reports print them.
+TOKEN_METRICS = (
+    "ce",
+    "perplexity",
+    "top1_accuracy",
+    "ece",
+    "full_ece",
+    "kl_to_teacher",
+    "top1_agreement",
+)
 
 
 class TokenMetrics:
