@@ -1,9 +1,10 @@
-"""The `tail-kd` command: `train`, `export`, `eval` and `prepare-data`.
+"""The `tail-kd` command: `train`, `export`, `eval`, `prepare-data` and `plan`.
 
     tail-kd train RECIPE.yaml [--nproc N] [train options]    (see `python -m tail_kd.train -h`)
     tail-kd export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16]
     tail-kd eval MODEL_OR_RUN [--data RECIPE_OR_FILE] [--teacher PATH] [--gsm N] [--out FILE]
     tail-kd prepare-data RECIPE.yaml [--set KEY=VALUE ...]
+    tail-kd plan RECIPE.yaml [--gpus N] [--gpu-memory GB] [--set KEY=VALUE ...]
 
 `train` runs in this process for one rank. With `--nproc N` it validates the recipe, then starts N
 local ranks through the DeepSpeed launcher (`deepspeed --num_gpus N --module tail_kd.train ...`,
@@ -54,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tail_kd.data.prepare import main as prepare_main
 
         return prepare_main(rest)
+    if command == "plan":
+        from tail_kd.memory_plan import main as plan_main
+
+        return plan_main(rest)
     print(f"tail-kd: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -45,7 +45,7 @@ from tail_kd.models import (
     resolve_model_dir,
 )
 
-__all__ = ["ModelPlan", "plan_models", "load_models", "resolve_reference"]
+__all__ = ["ModelPlan", "model_configs", "plan_models", "load_models", "resolve_reference"]
 
 
 def resolve_reference(path: str, cache_dir: str | Path) -> str:
@@ -78,9 +78,11 @@ class ModelPlan:
     vocab_size: int  # leading token ids shared by both models: the loss's vocabulary
 
 
-def plan_models(recipe: Recipe, ctx: DistContext | None = None) -> ModelPlan:
-    """Resolve the teacher, read configs and tokenizers, check the student's dimensions and the
-    vocabularies: every model error surfaces before any weight is loaded.
+def model_configs(
+    recipe: Recipe, ctx: DistContext | None = None
+) -> tuple[str, PretrainedConfig, PretrainedConfig]:
+    """(teacher folder, teacher config, student config): the models' shapes, without tokenizers
+    or weights (what `tail-kd plan` needs).
 
     With a `ctx`, rank 0 resolves the teacher first (converting a GGUF file or building the tiny
     teacher into the cache) and the other ranks then reuse its result.
@@ -93,24 +95,33 @@ def plan_models(recipe: Recipe, ctx: DistContext | None = None) -> ModelPlan:
         except ValueError as error:  # e.g. an unreadable GGUF file
             raise RecipeError(f"teacher.path: {error}") from None
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    if s_cfg.init != "derived":
+        return teacher_dir, teacher_config, AutoConfig.from_pretrained(s_cfg.path)
+    try:
+        student_config = derive_student_config(
+            teacher_config,
+            num_layers=s_cfg.num_layers,
+            hidden_size=s_cfg.hidden_size,
+            intermediate_size=s_cfg.intermediate_size,
+            num_attention_heads=s_cfg.num_attention_heads,
+            num_key_value_heads=s_cfg.num_key_value_heads,
+        )
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+    return teacher_dir, teacher_config, student_config
+
+
+def plan_models(recipe: Recipe, ctx: DistContext | None = None) -> ModelPlan:
+    """Resolve the teacher, read configs and tokenizers, check the student's dimensions and the
+    vocabularies: every model error surfaces before any weight is loaded (`model_configs`, then
+    the tokenizers)."""
+    teacher_dir, teacher_config, student_config = model_configs(recipe, ctx)
     teacher_tokenizer = load_tokenizer(teacher_dir)
-    if s_cfg.init == "derived":
-        try:
-            student_config = derive_student_config(
-                teacher_config,
-                num_layers=s_cfg.num_layers,
-                hidden_size=s_cfg.hidden_size,
-                intermediate_size=s_cfg.intermediate_size,
-                num_attention_heads=s_cfg.num_attention_heads,
-                num_key_value_heads=s_cfg.num_key_value_heads,
-            )
-        except ValueError as error:
-            raise RecipeError(str(error)) from None
+    if recipe.student.init == "derived":
         student_tokenizer, generation_config = teacher_tokenizer, _generation_config(teacher_dir)
     else:
-        student_config = AutoConfig.from_pretrained(s_cfg.path)
-        student_tokenizer = _tokenizer_of(s_cfg.path, teacher_tokenizer)
-        generation_config = _generation_config(s_cfg.path)
+        student_tokenizer = _tokenizer_of(recipe.student.path, teacher_tokenizer)
+        generation_config = _generation_config(recipe.student.path)
     try:
         vocab_size = check_vocabularies(
             teacher_tokenizer,

@@ -9,6 +9,11 @@ engines, the recipe's batch and sequence length) and then times, on the same mic
                          for each loss in --losses (tad, forward_kl, reverse_kl)
     student-only (CE)    student forward + CE (fused, no teacher) + backward + optimizer step
 
+With `--memory`, it also reports the peak memory of the whole run (loading included) next to
+`tail-kd plan`'s estimate for the same recipe and micro-batch (tail_kd/memory_plan.py): on a GPU
+the CUDA allocator's peak, on the CPU the peak resident set above the one before the models load
+(run it with MALLOC_MMAP_THRESHOLD_=65536 so that freed buffers leave the resident set).
+
 Tokens per second count the tokens of the micro-batch. The ratios are the ones that matter:
 TAD / forward KL (the TAD step should cost what the vanilla-KD step costs) and the KD overhead
 over the student-only step against the teacher forward alone.
@@ -38,6 +43,7 @@ def parse_args(argv=None):
     add_override_argument(p)
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant, after one warm-up")
     p.add_argument("--losses", nargs="+", default=["tad", "forward_kl"])
+    p.add_argument("--memory", action="store_true", help="compare the peak memory with tail-kd plan's estimate")
     p.add_argument("--json", help="write the results to this file")
     return p.parse_args(argv)
 
@@ -60,6 +66,7 @@ def main(argv=None):
     plan = plan_models(recipe, ctx)
     train_set, _ = build_datasets(recipe.data, plan.teacher_tokenizer, recipe.data.cache_dir, recipe.seed)
     loader = DistillationLoader(train_set, recipe.train.micro_batch_size, 0, 1, recipe.seed)
+    baseline = reset_peak_memory(ctx.device.type)
     teacher, student = load_models(recipe, plan, model_dtype(recipe.teacher.dtype, ctx.device.type))
     device = ctx.device.type
     distiller = Distiller(teacher, student, recipe, ctx, loss_function(recipe, plan.vocab_size, device))
@@ -120,10 +127,53 @@ def main(argv=None):
         print(f"KD overhead over student-only: {overhead:.3f} s = "
               f"{overhead / results['teacher_forward']:.2f} x the teacher forward "
               f"({results['teacher_forward']:.3f} s)")
+    report = {"recipe": args.recipe, "overrides": args.overrides, "tokens": tokens, "device": device,
+              "seconds": results}
+    if args.memory:
+        report["memory"] = compare_with_plan(recipe, plan, device, peak_memory(device) - baseline)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"recipe": args.recipe, "overrides": args.overrides, "tokens": tokens,
-                       "device": device, "seconds": results}, f, indent=2)
+            json.dump(report, f, indent=2)
+
+
+def reset_peak_memory(device):
+    """Start measuring the peak here; return the baseline that the peak is measured above."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:  # resets the resident set's high-water mark
+        f.write("5")
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_memory(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return _proc_status_bytes("VmHWM")
+
+
+def _proc_status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def compare_with_plan(recipe, plan, device, measured):
+    """Print and return tail-kd plan's estimate for this one-rank run against the measured peak."""
+    from transformers import AutoConfig
+
+    from tail_kd.memory_plan import estimate, model_shape, setup_of
+
+    setup = setup_of(recipe, device=device, gpus=1, gpus_per_node=1)
+    teacher = model_shape(AutoConfig.from_pretrained(plan.teacher_dir))
+    parts = estimate(model_shape(plan.student_config), teacher, setup, recipe.train.micro_batch_size)
+    print(f"\npeak memory: measured {measured / 2**20:.0f} MiB, tail-kd plan estimates "
+          f"{parts['total'] / 2**20:.0f} MiB (estimate / measured = {parts['total'] / measured:.2f})")
+    for name, value in parts.items():
+        print(f"  {name:<22} {value / 2**20:>9.0f} MiB")
+    return {"measured_bytes": measured, "estimate_bytes": parts}
 
 
 if __name__ == "__main__":

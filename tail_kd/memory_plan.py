@@ -1,0 +1,455 @@
+"""`tail-kd plan`: a recipe's memory per GPU before anything runs, and the largest micro-batch that fits.
+
+For N GPUs (G per node, N / G nodes), micro-batch b, sequence length T, student / teacher
+parameters P_s / P_t, lm_head rows V, widths H_s / H_t, and bytes per element d (the student's
+training dtype: 2 for bf16, 4 for float32) and d_t (the teacher's dtype), the estimate per GPU is
+the sum of:
+
+    student model states   DeepSpeed's own ZeRO-3 estimate
+                           (`deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs`):
+                           18 P_s / N bytes (bf16 weights, fp32 gradients, master weights and Adam
+                           moments) + 4 bytes per parameter of the largest layer; with
+                           offload_optimizer only the 2 P_s / N of bf16 weights stay, with
+                           offload_param as well, only the largest layer.
+    teacher parameters     d_t P_t / N (0 with offload_param) + d_t x its largest layer (gathered)
+    lm_heads               both gathered whole while the loss runs, and the student's lm_head
+                           gradient that the fused loss forms in the forward:
+                           V (2 d H_s + d_t H_t)
+    loss chunk             c V e: c = min(loss.chunk_size, b T) tokens of logits and their
+                           gradient, e bytes per logit as measured by tools/bench_loss.py
+                           (BENCHMARKS.md): 3 d + 1 with compiled kernels, 48 eager
+    student activations    what autograd saves per token and decoder layer in a Hugging Face
+                           Llama/Qwen2/Mistral layer with SDPA attention (measured with saved-tensor
+                           hooks, tests/test_memory_plan.py):
+                               A = d (8 H + 2 H_kv + 4 I) + 4 n_heads  [+ 4 H when d = 2:
+                                   RMSNorm's float32 copies of its bf16 inputs]
+                           (H_kv = key/value width, I = MLP width). Without activation
+                           checkpointing L b T A; with it L b T d H (each layer's input) + b T A
+                           (the layer being recomputed). Plus the final hidden states, their norm
+                           and their gradient: b T H (2 d + 4)
+    teacher activations    no autograd: at most one layer's tensors at a time, b T A_t, and the
+                           final hidden states the loss reads, b T H_t d_t
+    overhead               on a GPU, the CUDA context and the allocator's slack: 1 GiB + 10%
+
+Host memory per node: `tail-kd train` loads both models on every rank before DeepSpeed
+partitions them (no zero.Init), G (d_t P_t + 4 P_s), and holds what is offloaded: DeepSpeed's CPU
+estimate for the student (its 1.5 safety factor included) and the teacher's d_t P_t / (N / G).
+
+The estimate is for planning: it is checked against measured peaks (tools/bench_train.py
+--memory; BENCHMARKS.md) and errs on the large side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from tail_kd.config import Recipe, RecipeError, add_override_argument, load_recipe
+
+__all__ = [
+    "ModelShape",
+    "Setup",
+    "model_shape",
+    "setup_of",
+    "activation_bytes_per_token_layer",
+    "estimate",
+    "largest_micro_batch",
+    "main",
+]
+
+GIB = 2**30
+CUDA_OVERHEAD = 1 * GIB  # context, cuBLAS workspace, NCCL buffers
+ALLOCATOR_SLACK = 0.10  # fragmentation of PyTorch's caching allocator
+MAX_MICRO_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs of a model, read from its config (no weights)."""
+
+    parameters: int  # unique parameters (tied embeddings counted once)
+    largest_layer: int  # parameters of the largest module (usually the embedding)
+    layers: int
+    hidden: int
+    kv_width: int  # key/value projection width: key_value_heads x head_dim
+    intermediate: int
+    heads: int
+    vocab_rows: int  # lm_head rows, padding rows included
+
+
+def model_shape(config) -> ModelShape:
+    """Count a Hugging Face config's parameters on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return ModelShape(
+        parameters=sum(p.numel() for p in model.parameters()),
+        largest_layer=max(
+            sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules()
+        ),
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        kv_width=kv_heads * head_dim,
+        intermediate=config.intermediate_size,
+        heads=heads,
+        vocab_rows=model.get_output_embeddings().weight.shape[0],
+    )
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The recipe's settings that decide memory, for `gpus` ranks on `device`."""
+
+    device: str  # cuda or cpu
+    gpus: int
+    gpus_per_node: int
+    seq_len: int
+    micro_batch_size: int
+    global_batch_size: int
+    student_bytes: int  # d: bytes per element of the student's training dtype
+    teacher_bytes: int  # d_t
+    offload_param: bool
+    offload_optimizer: bool
+    activation_checkpointing: bool
+    loss_chunk: int
+    compiled_loss: bool
+
+
+def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> Setup:
+    """The memory-relevant settings of `recipe`, with DeepSpeed's config as the trainer builds it."""
+    from tail_kd.engines import model_dtype, student_config
+
+    recipe.check_world_size(gpus)
+    zero = student_config(recipe, gpus, device)["zero_optimization"]
+
+    def offloaded(key: str) -> bool:
+        return (zero.get(key) or {}).get("device", "none") in ("cpu", "nvme")
+
+    kernels = recipe.loss.kernels
+    return Setup(
+        device=device,
+        gpus=gpus,
+        gpus_per_node=gpus_per_node,
+        seq_len=recipe.data.seq_len,
+        micro_batch_size=recipe.train.micro_batch_size,
+        global_batch_size=recipe.train.global_batch_size,
+        student_bytes=model_dtype(recipe.train.precision, device).itemsize,
+        teacher_bytes=model_dtype(recipe.teacher.dtype, device).itemsize,
+        offload_param=offloaded("offload_param"),
+        offload_optimizer=offloaded("offload_optimizer"),
+        activation_checkpointing=recipe.train.activation_checkpointing,
+        loss_chunk=recipe.loss.chunk_size,
+        compiled_loss=kernels == "compiled" or (kernels == "auto" and device == "cuda"),
+    )
+
+
+def activation_bytes_per_token_layer(shape: ModelShape, dtype_bytes: int) -> int:
+    """A = d (8 H + 2 H_kv + 4 I) + 4 n_heads [+ 4 H when d = 2] (module docstring)."""
+    a = dtype_bytes * (8 * shape.hidden + 2 * shape.kv_width + 4 * shape.intermediate)
+    a += 4 * shape.heads  # SDPA's float32 log-sum-exp per head
+    if dtype_bytes < 4:
+        a += 4 * shape.hidden
+    return a
+
+
+def estimate(
+    student: ModelShape, teacher: ModelShape, setup: Setup, micro_batch: int
+) -> dict[str, int]:
+    """Bytes per GPU by component (module docstring) at `micro_batch`, with `total`."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    d, d_t, n = setup.student_bytes, setup.teacher_bytes, setup.gpus
+    tokens = micro_batch * setup.seq_len
+    _, student_states, _ = estimate_zero3_model_states_mem_needs(
+        student.parameters,
+        student.largest_layer,
+        num_gpus_per_node=setup.gpus_per_node,
+        num_nodes=max(1, n // setup.gpus_per_node),
+        cpu_offload=setup.offload_optimizer,
+        cpu_offload_params=setup.offload_param and setup.offload_optimizer,
+        zero_init=False,
+    )
+    teacher_params = 0 if setup.offload_param else d_t * teacher.parameters // n
+    a_student = activation_bytes_per_token_layer(student, d)
+    if setup.activation_checkpointing:
+        student_acts = student.layers * tokens * d * student.hidden + tokens * a_student
+    else:
+        student_acts = student.layers * tokens * a_student
+    student_acts += tokens * student.hidden * (2 * d + 4)
+    per_logit = 3 * d + 1 if setup.compiled_loss else 48
+    parts = {
+        "student_model_states": student_states,
+        "teacher_parameters": teacher_params + d_t * teacher.largest_layer,
+        "lm_heads": student.vocab_rows * (2 * d * student.hidden + d_t * teacher.hidden),
+        "loss_chunk": min(setup.loss_chunk, tokens) * student.vocab_rows * per_logit,
+        "student_activations": student_acts,
+        "teacher_activations": tokens
+        * (activation_bytes_per_token_layer(teacher, d_t) + d_t * teacher.hidden),
+    }
+    subtotal = sum(parts.values())
+    parts["overhead"] = (
+        CUDA_OVERHEAD + int(ALLOCATOR_SLACK * subtotal) if setup.device == "cuda" else 0
+    )
+    parts["total"] = subtotal + parts["overhead"]
+    return parts
+
+
+def host_bytes_per_node(student: ModelShape, teacher: ModelShape, setup: Setup) -> int:
+    """Host memory per node: loading, then what is offloaded (module docstring)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    nodes = max(1, setup.gpus // setup.gpus_per_node)
+    loading = setup.gpus_per_node * (
+        setup.teacher_bytes * teacher.parameters + 4 * student.parameters
+    )
+    offloaded = 0
+    if setup.offload_optimizer:
+        offloaded, _, _ = estimate_zero3_model_states_mem_needs(
+            student.parameters,
+            student.largest_layer,
+            num_gpus_per_node=setup.gpus_per_node,
+            num_nodes=nodes,
+            cpu_offload=True,
+            cpu_offload_params=setup.offload_param,
+            zero_init=True,  # what stays after loading: the partitions, not the full copies
+        )
+    if setup.offload_param:
+        offloaded += setup.teacher_bytes * teacher.parameters // nodes
+    return max(loading, offloaded)
+
+
+def largest_micro_batch(
+    student: ModelShape, teacher: ModelShape, setup: Setup, budget: int
+) -> int:
+    """The largest micro-batch whose estimate fits in `budget` bytes (0: not even one)."""
+    best = 0
+    for micro_batch in range(1, MAX_MICRO_BATCH + 1):
+        if estimate(student, teacher, setup, micro_batch)["total"] > budget:
+            break
+        best = micro_batch
+    return best
+
+
+def _valid_micro_batch(limit: int, setup: Setup) -> int:
+    """The largest micro-batch <= `limit` that splits global_batch_size over the GPUs evenly."""
+    for micro_batch in range(limit, 0, -1):
+        if setup.global_batch_size % (micro_batch * setup.gpus) == 0:
+            return micro_batch
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tail-kd plan",
+        description="Estimate a recipe's memory per GPU (reads the models' configs, loads no "
+        "weights) and propose the largest micro-batch that fits.",
+    )
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs in the job (default 1)")
+    parser.add_argument(
+        "--gpus-per-node", type=int, help="GPUs per node (default: all --gpus on one node)"
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GB",
+        help="memory per GPU in GiB (default: this machine's GPU, else 80)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="plan for GPUs (default) or for CPU ranks (float32, eager loss, no CUDA overhead)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    add_override_argument(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    gpus_per_node = args.gpus_per_node or args.gpus
+    if args.gpus < 1 or args.gpus % gpus_per_node:
+        print(
+            f"error: --gpus {args.gpus} is not a multiple of --gpus-per-node {gpus_per_node}",
+            file=sys.stderr,
+        )
+        return 2
+    memory_gib = args.gpu_memory or _local_gpu_memory_gib() or 80.0
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        setup = setup_of(recipe, device=args.device, gpus=args.gpus, gpus_per_node=gpus_per_node)
+        from tail_kd.pair import model_configs
+
+        _, teacher_config, student_config = model_configs(recipe)
+    except (RecipeError, FileNotFoundError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    plan = make_plan(
+        model_shape(student_config), model_shape(teacher_config), setup, memory_gib * GIB
+    )
+    print(format_plan(args.recipe, plan))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(plan, file, indent=2)
+    return 0 if plan["fits"] else 1
+
+
+# From fastest to most frugal: (offload_optimizer, offload_param, activation_checkpointing).
+# Recomputing activations costs about a third of the student's forward and backward; offloading
+# moves the optimizer step (and, with parameters, every layer's weights) over PCIe, which costs more.
+OPTIONS = (
+    (False, False, False),
+    (False, False, True),
+    (True, False, False),
+    (True, False, True),
+    (True, True, False),
+    (True, True, True),
+)
+
+
+def make_plan(
+    student: ModelShape, teacher: ModelShape, setup: Setup, budget: float
+) -> dict[str, object]:
+    """The estimate at the recipe's settings, the largest micro-batch of every offload and
+    checkpointing option, the fastest option that fits the recipe's micro-batch, host memory."""
+    budget = int(budget)
+    options = []
+    for offload_optimizer, offload_param, checkpointing in OPTIONS:
+        variant = Setup(
+            **{
+                **asdict(setup),
+                "offload_optimizer": offload_optimizer,
+                "offload_param": offload_param,
+                "activation_checkpointing": checkpointing,
+            }
+        )
+        limit = largest_micro_batch(student, teacher, variant, budget)
+        options.append(
+            {
+                "offload_optimizer": offload_optimizer,
+                "offload_param": offload_param,
+                "activation_checkpointing": checkpointing,
+                "largest_micro_batch": limit,
+                "largest_valid_micro_batch": _valid_micro_batch(limit, variant),
+                "host_bytes_per_node": host_bytes_per_node(student, teacher, variant),
+            }
+        )
+    parts = estimate(student, teacher, setup, setup.micro_batch_size)
+    recommended = next(
+        (o for o in options if o["largest_micro_batch"] >= setup.micro_batch_size), None
+    )
+    return {
+        "setup": asdict(setup),
+        "budget_bytes": budget,
+        "student": asdict(student),
+        "teacher": asdict(teacher),
+        "bytes": parts,
+        "fits": parts["total"] <= budget,
+        "options": options,
+        "recommended": recommended,
+        "host_bytes_per_node": host_bytes_per_node(student, teacher, setup),
+    }
+
+
+def option_overrides(option: dict) -> list[str]:
+    """The `--set` values that select an option of `make_plan`."""
+    zero = "deepspeed.zero_optimization"
+    return [
+        f"{zero}.offload_optimizer.device={'cpu' if option['offload_optimizer'] else 'none'}",
+        f"{zero}.offload_param.device={'cpu' if option['offload_param'] else 'none'}",
+        f"train.activation_checkpointing={str(option['activation_checkpointing']).lower()}",
+    ]
+
+
+def _option_name(option: dict) -> tuple[str, str]:
+    offload = [name for name in ("optimizer", "param") if option[f"offload_{name}"]]
+    return "+".join(offload) or "none", "on" if option["activation_checkpointing"] else "off"
+
+
+def format_plan(recipe_path: str, plan: dict) -> str:
+    setup, parts = plan["setup"], plan["bytes"]
+    student, teacher = plan["student"], plan["teacher"]
+
+    def gib(value: float) -> str:
+        return f"{value / GIB:.2f} GiB"
+
+    offload, checkpointing = _option_name(setup)
+    lines = [
+        f"{recipe_path}: {setup['gpus']} x {gib(plan['budget_bytes'])} ({setup['device']}), "
+        f"{8 * setup['student_bytes']}-bit student, {8 * setup['teacher_bytes']}-bit teacher",
+        f"teacher {teacher['parameters'] / 1e9:.3f}B parameters ({teacher['layers']} layers, "
+        f"hidden {teacher['hidden']}); student {student['parameters'] / 1e9:.3f}B "
+        f"({student['layers']} layers, hidden {student['hidden']}); "
+        f"{student['vocab_rows']} lm_head rows",
+        "",
+        f"per GPU with the recipe's settings (ZeRO-3 offload: {offload}, activation "
+        f"checkpointing {checkpointing}) at micro-batch {setup['micro_batch_size']} x "
+        f"{setup['seq_len']} tokens:",
+    ]
+    for name, value in parts.items():
+        if name != "total":
+            lines.append(f"  {name.replace('_', ' '):<22} {gib(value):>12}")
+    verdict = "fits" if plan["fits"] else "DOES NOT FIT"
+    lines.append(
+        f"  {'total':<22} {gib(parts['total']):>12} of {gib(plan['budget_bytes'])}: {verdict}"
+    )
+    lines += [
+        f"  host memory per node    {gib(plan['host_bytes_per_node']):>11}",
+        "",
+        "options, fastest first: largest micro-batch that fits (and the largest that splits "
+        f"global_batch_size {setup['global_batch_size']} over {setup['gpus']} GPU(s)), "
+        "host memory per node",
+        f"  {'offload':<16} {'checkpointing':<14} {'micro-batch':>11} {'valid':>6} {'host':>12}",
+    ]
+    for option in plan["options"]:
+        offload, checkpointing = _option_name(option)
+        lines.append(
+            f"  {offload:<16} {checkpointing:<14} {option['largest_micro_batch']:>11} "
+            f"{option['largest_valid_micro_batch']:>6} {gib(option['host_bytes_per_node']):>12}"
+        )
+    lines.append("")
+    recommended = plan["recommended"]
+    if recommended is not None:
+        offload, checkpointing = _option_name(recommended)
+        lines.append(
+            f"fastest option that fits micro-batch {setup['micro_batch_size']}: offload "
+            f"{offload}, checkpointing {checkpointing}:"
+        )
+        lines.append("  " + " ".join(f"--set {value}" for value in option_overrides(recommended)))
+    elif any(option["largest_micro_batch"] for option in plan["options"]):
+        lines.append(
+            f"micro-batch {setup['micro_batch_size']} fits no option: lower "
+            "train.micro_batch_size to one of the table's (gradient accumulation keeps "
+            "global_batch_size)"
+        )
+    else:
+        lines.append(
+            "This setup cannot fit, not even micro-batch 1 with everything offloaded: use more "
+            "GPUs (--gpus), a shorter data.seq_len, a smaller loss.chunk_size or a smaller student."
+        )
+    return "\n".join(lines)
+
+
+def _local_gpu_memory_gib() -> float | None:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
