@@ -44,6 +44,7 @@ __all__ = [
     "LogConfig",
     "EvalConfig",
     "CheckpointConfig",
+    "ParallelConfig",
     "DebugConfig",
     "GENERATED_SOURCES",
     "load_recipe",
@@ -269,6 +270,15 @@ class DebugConfig:
                 raise _FieldError(name, f"steps are counted from 1, got {bad}")
 
 
+@dataclass
+class ParallelConfig:
+    """How ranks share work beyond ZeRO-3's data parallelism."""
+
+    # Groups of this many consecutive ranks (on one node) split the lm_head rows of teacher and
+    # student between them for the loss (tail_kd/sharded_heads.py); 1 = off.
+    vocab_parallel_size: int = _field(1, POSITIVE)
+
+
 @dataclass(kw_only=True)  # keyword-only: required sections can sit in schema order
 class Recipe:
     """One distillation run. Directories left null are resolved on construction."""
@@ -287,6 +297,7 @@ class Recipe:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     deepspeed: dict[str, Any] = _field({})  # extra DeepSpeed config keys, merged over the generated
 
@@ -328,6 +339,12 @@ class Recipe:
         problem = _batch_split_problem(self.train, world_size)
         if problem:
             raise RecipeError(f"train.global_batch_size: {problem}")
+        size = self.parallel.vocab_parallel_size
+        if world_size % size:
+            raise RecipeError(
+                f"parallel.vocab_parallel_size: {size} does not divide the {world_size} ranks; "
+                f"choose a divisor of {world_size} (1 turns vocab parallelism off)"
+            )
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         """Micro-batches each rank accumulates per optimizer step."""

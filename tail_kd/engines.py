@@ -21,6 +21,9 @@ Two ZeRO-3 details make the lm_head weights usable outside their own modules:
 - the teacher's lm_head weight is gathered read-only (`GatheredParameters`, no modifier rank)
   around the student's forward, and passed in as a plain tensor; the teacher gets no gradient.
 
+With `parallel.vocab_parallel_size` > 1 neither lm_head is gathered for the loss: each rank reads
+its rows from ZeRO-3's partitions and the loss runs vocab-parallel (tail_kd/sharded_heads.py).
+
 DeepSpeed configs come from the recipe (`student_config`, `teacher_config`); a recipe's
 `deepspeed:` section is merged over the generated student config (and its `zero_optimization`,
 minus optimizer offload, over the teacher's), after `check_deepspeed_overrides` has rejected keys
@@ -49,6 +52,7 @@ from transformers import PreTrainedModel
 from tail_kd.config import Recipe, RecipeError
 from tail_kd.distributed import DistContext
 from tail_kd.eval.metrics import TokenMetrics, score_hidden_states
+from tail_kd.sharded_heads import ShardedHead, VocabGroups, group_loss, vocab_groups
 from tail_kd.losses import (
     IGNORE_INDEX,
     TADLossOutput,
@@ -151,6 +155,18 @@ def check_deepspeed_config(recipe: Recipe, world_size: int, device: str) -> dict
         raise RecipeError("; ".join(problems) + " (DeepSpeed's config schema)") from None
     except (AssertionError, ValueError, KeyError, TypeError) as error:
         raise RecipeError(f"deepspeed: DeepSpeed rejects the config: {error}") from None
+    zero = config["zero_optimization"]
+    offloaded = [
+        key
+        for key in ("offload_param", "offload_optimizer")
+        if (zero.get(key) or {}).get("device", "none") != "none"
+    ]
+    if recipe.parallel.vocab_parallel_size > 1 and offloaded:
+        raise RecipeError(
+            f"parallel.vocab_parallel_size: {recipe.parallel.vocab_parallel_size} cannot be "
+            f"combined with deepspeed.zero_optimization.{offloaded[0]} (vocab-parallel heads "
+            "read ZeRO-3's partitions on the device); set one of them off"
+        )
     return config
 
 
@@ -361,12 +377,16 @@ class StudentWithLoss(nn.Module):
     `kl_to_teacher`, `teacher_tail_mass`, `student_tail_mass`, `student_topk_mass`; `num_tokens`.
     """
 
-    def __init__(self, student: PreTrainedModel, loss_fn: LossFunction):
+    def __init__(
+        self, student: PreTrainedModel, loss_fn: LossFunction, groups: VocabGroups | None = None
+    ):
         super().__init__()
         self.student = student
         self.loss_fn = loss_fn
-        # Used by the loss, outside the lm_head's own forward: let ZeRO-3 gather it for this module.
-        deepspeed.zero.register_external_parameter(self, self.lm_head_weight)
+        self.groups = groups
+        if groups is None:
+            # Used by the loss, outside the lm_head's own forward: let ZeRO-3 gather it here.
+            deepspeed.zero.register_external_parameter(self, self.lm_head_weight)
 
     @property
     def lm_head_weight(self) -> nn.Parameter:
@@ -379,21 +399,30 @@ class StudentWithLoss(nn.Module):
         labels: Tensor,
         teacher_hidden: Tensor | None,
         teacher_weight: Tensor | None,
+        student_rows: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """teacher_hidden/teacher_weight may be None for a loss that needs no teacher (CE only)."""
+        """teacher_hidden/teacher_weight may be None for a loss that needs no teacher (CE only).
+
+        Vocab-parallel (`groups`): `teacher_weight` and `student_rows` are this rank's rows of the
+        two lm_heads (tail_kd/sharded_heads.py), and the loss is the group's (`group_loss`).
+        """
         out = self.student.base_model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         )
-        weight = self.lm_head_weight
+        weight = self.lm_head_weight if self.groups is None else student_rows
         if not torch.is_grad_enabled():  # evaluation: spare the fused loss its in-pass gradients
             weight = weight.detach()
-        result = self.loss_fn(
+        inputs = (
             out.last_hidden_state[:, :-1],
             weight,
             None if teacher_hidden is None else teacher_hidden[:, :-1],
             teacher_weight,
             labels[:, 1:],
         )
+        if self.groups is None:
+            result = self.loss_fn(*inputs)
+        else:
+            result = group_loss(self.loss_fn, *inputs, self.groups)
         return {
             "loss": result.loss,
             "ce": result.ce,
@@ -416,8 +445,13 @@ class Distiller:
 
     Build it on every rank with the (unpartitioned) teacher and student; `deepspeed.initialize`
     shards both. Then per micro-batch: `out = distiller.forward(batch)`,
-    `distiller.student.backward(out["loss"])`, and `distiller.student.step()` (a no-op except at
-    the gradient-accumulation boundary).
+    `distiller.backward(out["loss"])`, and `distiller.student.step()` (a no-op except at the
+    gradient-accumulation boundary).
+
+    With `parallel.vocab_parallel_size` P > 1 the lm_heads are not gathered for the loss: each
+    rank reads its rows from the ZeRO-3 partitions (the teacher's once, the student's after every
+    optimizer step) and the loss runs vocab-parallel over its group; `backward` hands the rows'
+    gradient back to ZeRO-3 at the accumulation boundary (tail_kd/sharded_heads.py).
     """
 
     def __init__(
@@ -427,7 +461,9 @@ class Distiller:
         recipe: Recipe,
         ctx: DistContext,
         loss_fn: LossFunction,
+        vocab_size: int,
     ):
+        """`vocab_size`: the real tokens the two lm_heads share (the loss's vocabulary)."""
         device = ctx.device.type
         ds_student = student_config(recipe, ctx.world_size, device)
         if recipe.train.activation_checkpointing:
@@ -440,7 +476,11 @@ class Distiller:
             total_steps=recipe.train.steps,
             min_ratio=recipe.train.min_lr_ratio,
         )
-        model = StudentWithLoss(student, loss_fn)
+        size = recipe.parallel.vocab_parallel_size
+        self.groups = vocab_groups(size, vocab_size) if size > 1 else None
+        # Tied: the lm_head is the input embedding, which also gets ZeRO-3's own gradients.
+        self.tied = student.get_input_embeddings().weight is student.get_output_embeddings().weight
+        model = StudentWithLoss(student, loss_fn, self.groups)
         self.student, *_ = deepspeed.initialize(
             model=model,
             model_parameters=_weight_decay_groups(model, recipe.train.weight_decay),
@@ -453,6 +493,12 @@ class Distiller:
         )
         self.teacher.eval()
         self.device = ctx.device
+        if self.groups is not None:
+            self.student_head = ShardedHead(self.student.module.lm_head_weight, self.groups)
+            self.teacher_rows = ShardedHead(self.teacher_lm_head, self.groups).gather_rows()
+            self.student_rows: Tensor | None = None  # a leaf: the loss leaves its gradient here
+            self.rows_step = -1  # the optimizer step the rows were read at
+            self.row_grad: Tensor | None = None  # float32, summed over micro-batches
 
     @property
     def teacher_lm_head(self) -> nn.Parameter:
@@ -465,11 +511,43 @@ class Distiller:
         labels = batch["labels"].to(self.device)
         with torch.no_grad():
             teacher_hidden = self.teacher(input_ids, attention_mask)
+        if self.groups is not None:
+            return self.student(
+                input_ids, attention_mask, labels, teacher_hidden, self.teacher_rows,
+                self._student_rows(),
+            )  # fmt: skip
         teacher_head = self.teacher_lm_head
         with deepspeed.zero.GatheredParameters([teacher_head]):  # read-only: no modifier_rank
             return self.student(
                 input_ids, attention_mask, labels, teacher_hidden, teacher_head.data
             )
+
+    def backward(self, loss: Tensor) -> None:
+        """The student engine's backward; vocab-parallel, also the lm_head rows' gradient: summed
+        over micro-batches, then handed to ZeRO-3 at the accumulation boundary (before the
+        optimizer step, which clips and applies it with the other gradients)."""
+        self.student.backward(loss)
+        if self.groups is None:
+            return
+        grad = self.student_rows.grad.float()
+        self.student_rows.grad = None
+        self.row_grad = grad if self.row_grad is None else self.row_grad.add_(grad)
+        if self.student.is_gradient_accumulation_boundary():
+            self.student_head.add_grad_to_partition(self.row_grad, accumulate=self.tied)
+            self.row_grad = None
+
+    def _student_rows(self) -> Tensor:
+        """This rank's rows of the student's lm_head, read again after each optimizer step (and
+        after a checkpoint load, which sets the step)."""
+        if self.rows_step != self.student.global_steps:
+            rows = self.student_head.gather_rows()
+            if self.student_rows is None:
+                self.student_rows = rows.requires_grad_()
+            else:
+                with torch.no_grad():
+                    self.student_rows.copy_(rows)
+            self.rows_step = self.student.global_steps
+        return self.student_rows
 
     @torch.no_grad()
     def score(self, batch: Mapping[str, Tensor], metrics: TokenMetrics, vocab_size: int) -> None:

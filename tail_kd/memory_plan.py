@@ -14,8 +14,8 @@ the sum of:
     teacher parameters     d_t P_t / N (0 with offload_param) + d_t x its largest layer (gathered)
     lm_heads               both gathered whole while the loss runs, and the student's lm_head
                            gradient that the fused loss forms in the forward:
-                           V (2 d H_s + d_t H_t)
-    loss chunk             c V e: c = min(loss.chunk_size, b T) tokens of logits and their
+                           V (2 d H_s + d_t H_t), with V / P rows for parallel.vocab_parallel_size P
+    loss chunk             c V e (V / P rows): c = min(loss.chunk_size, b T) tokens of logits and their
                            gradient, e bytes per logit as measured by tools/bench_loss.py
                            (BENCHMARKS.md): 3 d + 1 with compiled kernels, 48 eager
     student activations    what autograd saves per token and decoder layer in a Hugging Face
@@ -122,6 +122,7 @@ class Setup:
     activation_checkpointing: bool
     loss_chunk: int
     compiled_loss: bool
+    vocab_parallel_size: int  # P: each rank holds 1/P of the lm_head rows for the loss
 
 
 def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> Setup:
@@ -149,6 +150,7 @@ def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> S
         activation_checkpointing=recipe.train.activation_checkpointing,
         loss_chunk=recipe.loss.chunk_size,
         compiled_loss=kernels == "compiled" or (kernels == "auto" and device == "cuda"),
+        vocab_parallel_size=recipe.parallel.vocab_parallel_size,
     )
 
 
@@ -186,11 +188,12 @@ def estimate(
         student_acts = student.layers * tokens * a_student
     student_acts += tokens * student.hidden * (2 * d + 4)
     per_logit = 3 * d + 1 if setup.compiled_loss else 48
+    rows = -(-student.vocab_rows // setup.vocab_parallel_size)
     parts = {
         "student_model_states": student_states,
         "teacher_parameters": teacher_params + d_t * teacher.largest_layer,
-        "lm_heads": student.vocab_rows * (2 * d * student.hidden + d_t * teacher.hidden),
-        "loss_chunk": min(setup.loss_chunk, tokens) * student.vocab_rows * per_logit,
+        "lm_heads": rows * (2 * d * student.hidden + d_t * teacher.hidden),
+        "loss_chunk": min(setup.loss_chunk, tokens) * rows * per_logit,
         "student_activations": student_acts,
         "teacher_activations": tokens
         * (activation_bytes_per_token_layer(teacher, d_t) + d_t * teacher.hidden),
@@ -330,6 +333,8 @@ def make_plan(
     budget = int(budget)
     options = []
     for offload_optimizer, offload_param, checkpointing in OPTIONS:
+        if setup.vocab_parallel_size > 1 and offload_optimizer:
+            continue  # vocab-parallel heads do not combine with offload (tail_kd/engines.py)
         variant = Setup(
             **{
                 **asdict(setup),

@@ -348,6 +348,7 @@ class Trainer:
 
         recipe, ctx = self.recipe, self.ctx
         check_deepspeed_config(recipe, ctx.world_size, ctx.device.type)  # bad `deepspeed:` keys
+        _check_vocab_parallel(recipe, ctx, self.args.reference_loss)
         if not ctx.is_main:  # one set of progress bars per job
             hf_logging.disable_progress_bar()
             datasets.disable_progress_bars()
@@ -381,7 +382,7 @@ class Trainer:
         loss_fn = loss_function(
             recipe, plan.vocab_size, ctx.device.type, reference=self.args.reference_loss
         )
-        self.distiller = Distiller(teacher, student, recipe, ctx, loss_fn)
+        self.distiller = Distiller(teacher, student, recipe, ctx, loss_fn, plan.vocab_size)
         self.vocab_size = plan.vocab_size
         self.accumulation = recipe.gradient_accumulation_steps(ctx.world_size)
         self.checkpoints = CheckpointManager(self.run_dir, ctx, recipe.checkpoint.keep)
@@ -490,7 +491,7 @@ class Trainer:
                 # whatever gradients the loss produced (the fused loss makes them in its forward).
                 finite = torch.isfinite(loss)
                 nan = torch.full_like(loss, math.nan)
-                engine.backward(loss * torch.where(finite, torch.ones_like(loss), nan))
+                self.distiller.backward(loss * torch.where(finite, torch.ones_like(loss), nan))
                 if inspect and micro == self.accumulation - 1:
                     bad_parameters = self._nonfinite_gradients()
                 engine.step()
@@ -619,6 +620,23 @@ class Trainer:
         self.monitor.flush()
         saved = self.checkpoints.save(self.distiller.student, self.step, trainer_state, rank_state)
         self.monitor.print(f"checkpoint: {saved.path}")
+
+
+def _check_vocab_parallel(recipe: Recipe, ctx: DistContext, reference_loss: bool) -> None:
+    """A vocab-parallel group must sit on one node and needs the fused loss's group mode."""
+    size = recipe.parallel.vocab_parallel_size
+    if size == 1:
+        return
+    if ctx.topology.local_world_size % size:
+        raise RecipeError(
+            f"parallel.vocab_parallel_size: {size} does not divide the "
+            f"{ctx.topology.local_world_size} ranks on this node; a group must sit on one node"
+        )
+    if reference_loss:
+        raise RecipeError(
+            "--reference-loss computes full logits on every rank: run it with "
+            "parallel.vocab_parallel_size=1"
+        )
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -80,3 +80,59 @@ def test_block_top_k_values_equal_torch_topk(n, k):
     torch.testing.assert_close(top_k_values(x, k), x.topk(k, dim=-1).values, rtol=0, atol=0)
     bf = x.bfloat16()
     torch.testing.assert_close(top_k_values(bf, k), bf.topk(k, dim=-1).values, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row shards of a ZeRO-3 partitioned weight (tail_kd/sharded_heads.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _partitioned(full, rank, world):
+    """A stand-in for a ZeRO-3 parameter: flattened, rank `rank` holding elements [r S, (r+1) S),
+    the last partition zero-padded, as `param.ds_tensor` is."""
+    part = -(-full.numel() // world)
+    flat = torch.zeros(part * world)
+    flat[: full.numel()] = full.reshape(-1)
+    weight = torch.nn.Parameter(torch.empty(0))
+    weight.ds_tensor = flat[rank * part : (rank + 1) * part].clone()
+    weight.ds_shape, weight.ds_numel = full.shape, full.numel()
+    return weight
+
+
+def _sharded_head_worker(rank, world, init_file, out_dir, size, vocab):
+    from tail_kd.sharded_heads import ShardedHead, vocab_groups
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        full = torch.arange(float((vocab + 3) * 7)).view(vocab + 3, 7)  # 3 padding rows
+        groups = vocab_groups(size, vocab)
+        head = ShardedHead(_partitioned(full, rank, world), groups)
+        rows = head.gather_rows()
+        row_grad = torch.full_like(rows, float(rank + 1))  # each rank's own gradient value
+        torch.save(
+            {"bounds": groups.bounds, "rows": rows, "partition": head.partition_grad(row_grad)},
+            os.path.join(out_dir, f"head-rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world, size", [(3, 3), (4, 2), (6, 3)])
+def test_row_shards_of_zero_partitions(tmp_path, world, size):
+    """Partitions that cut rows (S is no multiple of the width 7), several groups: each rank
+    receives exactly its rows, and the gradients of every group add up in the right partitions."""
+    vocab = 41
+    mp.spawn(_sharded_head_worker, args=(world, str(tmp_path / "init"), str(tmp_path), size, vocab),
+             nprocs=world, join=True)  # fmt: skip
+    full = torch.arange(float((vocab + 3) * 7)).view(vocab + 3, 7)
+    expected = torch.zeros(vocab + 3, 7)  # row gradients summed over ranks, as partitions hold them
+    results = [torch.load(tmp_path / f"head-rank{rank}.pt") for rank in range(world)]
+    for rank, result in enumerate(results):
+        bounds = result["bounds"]
+        assert bounds[0] == 0 and bounds[-1] == vocab and len(bounds) == size + 1
+        start, stop = bounds[rank % size], bounds[rank % size + 1]
+        torch.testing.assert_close(result["rows"], full[start:stop], rtol=0, atol=0)
+        expected[start:stop] += rank + 1
+    flat = torch.cat([result["partition"] for result in results])
+    torch.testing.assert_close(flat[: full.numel()], expected.reshape(-1), rtol=0, atol=0)
+    assert not flat[full.numel() :].any()

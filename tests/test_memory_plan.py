@@ -121,6 +121,20 @@ def test_largest_micro_batch_is_the_boundary():
     assert largest_micro_batch(student, teacher, setup, 2**20) == 0
 
 
+def test_vocab_parallel_divides_the_heads_and_the_loss_chunk():
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", ["train.global_batch_size=8"])
+    student = model_shape(small_config("llama-gqa", 6))
+    teacher = model_shape(small_config("llama-gqa", 30))
+    plain = setup_of(recipe, device="cuda", gpus=4, gpus_per_node=4)
+    recipe.parallel.vocab_parallel_size = 4
+    split = setup_of(recipe, device="cuda", gpus=4, gpus_per_node=4)
+    before, after = estimate(student, teacher, plain, 2), estimate(student, teacher, split, 2)
+    assert after["lm_heads"] == before["lm_heads"] // 4
+    assert after["loss_chunk"] == before["loss_chunk"] // 4
+    for name in ("student_model_states", "teacher_parameters", "student_activations"):
+        assert after[name] == before[name], name
+
+
 # ---------------------------------------------------------------------------------------------
 # Against a real run
 # ---------------------------------------------------------------------------------------------

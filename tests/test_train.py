@@ -8,6 +8,8 @@ runs are module fixtures shared by the tests that check them:
              (started through `tail-kd train --nproc 2`)
     resumed  `stopped` continued with --resume to step 8 -> same losses as `full`
     fused / dense   one SGD-like step each               -> same updated parameters
+    vocab2   `full` with parallel.vocab_parallel_size=2  -> same curve and student as `full`
+    4 ranks  an untied student, P = 1 and P = 2 (two groups of 2) -> same curve and student
 
 All runs share one cache (tiny teacher, tokenised data), built by the first.
 """
@@ -78,13 +80,15 @@ class Run:
         assert self.proc.returncode == 0 or EXIT_ABORT in self.proc.stderr, self.output
 
 
-def launch(run_dir: Path, cache: Path, sets: list[str], *args: str, cli: bool = False) -> Run:
-    """Train the tiny recipe with 2 CPU ranks into `run_dir`, with `--set` for each of `sets`,
-    through the deepspeed launcher (or `tail-kd train --nproc 2` when `cli`)."""
+def launch(
+    run_dir: Path, cache: Path, sets: list[str], *args: str, cli: bool = False, ranks: int = 2
+) -> Run:
+    """Train the tiny recipe with 2 CPU ranks (or `ranks`) into `run_dir`, with `--set` for each
+    of `sets`, through the deepspeed launcher (or `tail-kd train --nproc 2` when `cli`)."""
     if cli:
-        command = [sys.executable, "-m", "tail_kd.cli", "train", "--nproc", "2"]
+        command = [sys.executable, "-m", "tail_kd.cli", "train", "--nproc", str(ranks)]
     else:
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks)]
         command += ["--master_port", str(free_port()), "--module", "tail_kd.train"]
     command += [str(RECIPE), "--output-dir", str(run_dir), *args]
     for override in [f"cache_dir={cache}", *sets]:
@@ -239,3 +243,76 @@ def test_output_dir_of_another_run_is_refused(full, capsys):
     status = main([str(RECIPE), "--output-dir", str(full.dir)])
     assert status == EXIT_USAGE
     assert "already holds a run" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocab-parallel lm_heads (tail_kd/sharded_heads.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def final_student(run: Run, out: Path) -> dict[str, torch.Tensor]:
+    """The exported student's tensors (every name, tied ones included)."""
+    from transformers import AutoModelForCausalLM
+
+    from tail_kd.export import export
+
+    model = AutoModelForCausalLM.from_pretrained(export(run.dir, out))
+    return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def assert_same_run(reference: Run, other: Run, steps: int, tmp_path: Path) -> None:
+    """Same loss curve, gradient norms and held-out CE, and the same final student, to 1e-4."""
+    other.assert_finished(steps)
+    expected, got = reference.scalars(), other.scalars()
+    for tag in ("train/loss", "train/ce", "train/divergence", "train/grad_norm", "eval/ce"):
+        assert [step for step, _ in got[tag]] == [step for step, _ in expected[tag]], tag
+        for (step, want), (_, value) in zip(expected[tag], got[tag]):
+            assert value == pytest.approx(want, rel=1e-4, abs=1e-6), (tag, step)
+    want = final_student(reference, tmp_path / "reference")
+    have = final_student(other, tmp_path / "other")
+    assert sorted(have) == sorted(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(have[name], tensor, rtol=0, atol=1e-4, msg=name)
+
+
+def test_vocab_parallel_heads_train_the_same_student(workdir, full, tmp_path):
+    """2 ranks, one group of 2, the tied tiny student (its lm_head is its embedding, which also
+    gets ZeRO-3's own gradients), 2 micro-batches accumulated per step."""
+    run = launch(workdir / "vocab2", workdir / "cache", [*COMMON, "parallel.vocab_parallel_size=2"])
+    assert_same_run(full, run, STEPS, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def untied_student(workdir, full) -> Path:
+    """A config-only student folder: the derived tiny student with its own (untied) lm_head."""
+    from transformers import AutoConfig
+
+    from tail_kd.models import build_tiny_pair, derive_student_config
+
+    teacher = AutoConfig.from_pretrained(build_tiny_pair(workdir / "cache" / "tiny")[0])
+    config = derive_student_config(teacher, num_layers=2, hidden_size=32)
+    config.tie_word_embeddings = False
+    folder = workdir / "untied-student"
+    config.save_pretrained(folder)
+    return folder
+
+
+def test_vocab_parallel_with_two_groups_of_an_untied_student(workdir, untied_student, tmp_path):
+    """4 ranks: P = 2 (two groups, whose row gradients ZeRO-3's partitions sum) against P = 1."""
+    steps = 4
+    sets = [f"train.steps={steps}", "checkpoint.every=0", "eval.every=2", "student.init=config",
+            f"student.path={untied_student}"]  # fmt: skip
+    runs = {
+        size: launch(workdir / f"untied-p{size}", workdir / "cache",
+                     [*sets, f"parallel.vocab_parallel_size={size}"], ranks=4)  # fmt: skip
+        for size in (1, 2)
+    }
+    runs[1].assert_finished(steps)
+    assert_same_run(runs[1], runs[2], steps, tmp_path)
+
+
+def test_vocab_parallel_size_must_divide_the_ranks(workdir, full):
+    run = launch(workdir / "vocab3", workdir / "cache", ["parallel.vocab_parallel_size=3"], cli=True)
+    assert run.proc.returncode == EXIT_USAGE, run.output
+    assert "parallel.vocab_parallel_size: 3 does not divide the 2 ranks" in run.output
+

@@ -45,6 +45,7 @@ import time
 import warnings
 
 import torch
+import peak_memory
 
 from tail_kd.config import add_override_argument
 
@@ -81,10 +82,11 @@ def main(argv=None):
     plan = plan_models(recipe, ctx)
     train_set, _ = build_datasets(recipe.data, plan.teacher_tokenizer, recipe.data.cache_dir, recipe.seed)
     loader = DistillationLoader(train_set, recipe.train.micro_batch_size, 0, 1, recipe.seed)
-    baseline = reset_peak_memory(ctx.device.type)
+    baseline = peak_memory.reset_peak(ctx.device)
     teacher, student = load_models(recipe, plan, model_dtype(recipe.teacher.dtype, ctx.device.type))
     device = ctx.device.type
-    distiller = Distiller(teacher, student, recipe, ctx, loss_function(recipe, plan.vocab_size, device))
+    distiller = Distiller(teacher, student, recipe, ctx, loss_function(recipe, plan.vocab_size, device),
+                          plan.vocab_size)
     engine = distiller.student
     batches = [next(loader) for _ in range(args.steps + 1)]
 
@@ -117,7 +119,7 @@ def main(argv=None):
         with phases("forward"):
             out = distiller.forward(batch)
         with phases("backward"):
-            engine.backward(out["loss"])
+            distiller.backward(out["loss"])
         with phases("optimizer_step"):
             engine.step()
 
@@ -175,7 +177,7 @@ def main(argv=None):
               "device": _device_name(device), "seconds": results, "phases": splits,
               "flops_per_step": flops, "peak_tflops": peak}
     if args.memory:
-        report["memory"] = compare_with_plan(recipe, plan, device, peak_memory(device) - baseline)
+        report["memory"] = compare_with_plan(recipe, plan, device, peak_memory.peak(ctx.device) - baseline)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -272,30 +274,6 @@ def peak_tflops(device):
 
 def _device_name(device):
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
-
-
-def reset_peak_memory(device):
-    """Start measuring the peak here; return the baseline that the peak is measured above."""
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:  # resets the resident set's high-water mark
-        f.write("5")
-    return _proc_status_bytes("VmRSS")
-
-
-def peak_memory(device):
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return _proc_status_bytes("VmHWM")
-
-
-def _proc_status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def compare_with_plan(recipe, plan, device, measured):
