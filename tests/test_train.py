@@ -8,7 +8,8 @@ runs are module fixtures shared by the tests that check them:
              (started through `tail-kd train --nproc 2`)
     resumed  `stopped` continued with --resume to step 8 -> same losses as `full`
     fused / dense   one SGD-like step each               -> same updated parameters
-    vocab2   `full` with parallel.vocab_parallel_size=2  -> same curve and student as `full`
+    vocab2   `full` with parallel.vocab_parallel_size=2, -> same curve and student as `full`
+             stopped at step 4 and resumed
     4 ranks  an untied student, P = 1 and P = 2 (two groups of 2) -> same curve and student
 
 All runs share one cache (tiny teacher, tokenised data), built by the first.
@@ -277,9 +278,14 @@ def assert_same_run(reference: Run, other: Run, steps: int, tmp_path: Path) -> N
 
 def test_vocab_parallel_heads_train_the_same_student(workdir, full, tmp_path):
     """2 ranks, one group of 2, the tied tiny student (its lm_head is its embedding, which also
-    gets ZeRO-3's own gradients), 2 micro-batches accumulated per step."""
-    run = launch(workdir / "vocab2", workdir / "cache", [*COMMON, "parallel.vocab_parallel_size=2"])
-    assert_same_run(full, run, STEPS, tmp_path)
+    gets ZeRO-3's own gradients), 2 micro-batches accumulated per step; stopped after 4 steps and
+    resumed (the rows are read again from the loaded partitions)."""
+    sets = [*COMMON, "parallel.vocab_parallel_size=2"]
+    stopped = launch(workdir / "vocab2", workdir / "cache", sets, "--stop-after-steps", "4")
+    assert [c.step for c in complete_checkpoints(stopped.dir)] == [4], stopped.output
+    resumed = launch(stopped.dir, workdir / "cache", sets, "--resume")
+    assert "resumed from" in resumed.proc.stdout, resumed.output
+    assert_same_run(full, resumed, STEPS, tmp_path)
 
 
 @pytest.fixture(scope="module")
