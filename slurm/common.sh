@@ -294,19 +294,31 @@ tkd_on_usr1() {
 }
 
 tkd_on_term() {
+  if [ -n "$TKD_REQUEUE_STEP" ]; then  # `scontrol requeue` succeeded: Slurm ends this run
+    tkd_requeued "$TKD_REQUEUE_STEP"
+  fi
   TKD_TERMINATED=1
   tkd_log "SIGTERM: the job is being cancelled, preempted or out of time (the ranks got it too);" \
           "it will not be requeued from here"
 }
 
+# Slurm may SIGTERM this shell before `scontrol requeue` returns: TKD_REQUEUE_STEP tells the
+# TERM trap that the requeue is under way, so the job log still says what happened.
+TKD_REQUEUE_STEP=""
 tkd_requeue() {
-  if [ -n "${SLURM_JOB_ID:-}" ] && scontrol requeue "$SLURM_JOB_ID"; then
-    tkd_log "requeued job $SLURM_JOB_ID: its next run resumes from step $1 in $TKD_OUTPUT_DIR"
-    exit 0
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    TKD_REQUEUE_STEP=$1
+    if scontrol requeue "$SLURM_JOB_ID"; then tkd_requeued "$1"; fi
+    TKD_REQUEUE_STEP=""
   fi
   tkd_log "could not requeue (not in Slurm, or submitted with --no-requeue?); resume with:" \
           "sbatch ... ${TKD_TRAIN_ARGS[0]} --output-dir $TKD_OUTPUT_DIR"
   exit "$TKD_EXIT_PREEMPTED"
+}
+
+tkd_requeued() {
+  tkd_log "requeued job $SLURM_JOB_ID: its next run resumes from step $1 in $TKD_OUTPUT_DIR"
+  exit 0
 }
 
 # Run the command "$@" (the ranks), then finish the job: exit 0 when the run is DONE, requeue it
