@@ -314,10 +314,33 @@ def init_distributed(device: str, topology: Topology | None = None) -> DistConte
         timeout=collective_timeout(),
         verbose=False,
     )
+    if device == "cpu":
+        _unlink_shared_memory_name(topology)
     torch_device = (
         torch.device("cpu") if device == "cpu" else torch.device("cuda", topology.local_rank)
     )
     return DistContext(topology, torch_device)
+
+
+def _unlink_shared_memory_name(topology: Topology) -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm.
+
+    On the CPU, when its launcher says every rank is on one machine (LOCAL_SIZE = world size, as
+    the `deepspeed` launcher does), DeepSpeed gives each rank a shared-memory buffer of about
+    70 MB, /dev/shm/deepspeed_allreduce_buffer_<uid>_<address>_<port>_<rank>, maps every rank's,
+    and never unlinks them: each run used to leave them behind until /dev/shm filled the RAM.
+    After the barrier every rank has mapped every buffer, so the names are no longer needed;
+    unlinking keeps the mappings, and the kernel frees the memory when the job ends, however it
+    ends.
+    """
+    name = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{topology.master_addr}_"
+        f"{topology.master_port}_{topology.rank}"
+    )
+    if topology.world_size > 1:
+        dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
 
 
 def collective_timeout(environ: Mapping[str, str] | None = None) -> timedelta:

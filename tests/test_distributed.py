@@ -1,11 +1,14 @@
-"""Rank discovery for each launcher (no processes are started; srun's scontrol is faked)."""
+"""Rank discovery for each launcher (srun's scontrol is faked), and joining a CPU process group."""
 
 import os
 import stat
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
-from tail_kd.distributed import discover_topology, resolve_device, slurm_first_node_address
+from tail_kd.distributed import discover_topology, free_port, resolve_device, slurm_first_node_address
 
 # What `scontrol` answers on a cluster whose node names do not resolve (as on the emulated one).
 FAKE_SCONTROL = """#!/bin/sh
@@ -137,3 +140,47 @@ def test_device_resolution():
     assert resolve_device("cpu") == "cpu"
     with pytest.raises(ValueError, match="auto, cpu or cuda"):
         resolve_device("tpu")
+
+
+SHARED_MEMORY = textwrap.dedent(
+    """
+    import os, torch
+    from tail_kd.distributed import init_distributed
+    ctx = init_distributed("cpu")
+    import importlib
+    ds_comm = importlib.import_module("deepspeed.comm.comm")  # its `cdb` is the live backend
+    used = ds_comm.cdb.shm_comm_op is not None and ds_comm.cdb.shm_vector_kernel_level >= 1
+    x = torch.full((1000,), float(ctx.rank + 1))
+    ds_comm.inference_all_reduce(x)  # through the shared buffers when `used`
+    ctx.barrier()
+    left = [n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer_")
+            and f"_{os.environ['MASTER_PORT']}_" in n]
+    print("rank", ctx.rank, used, x.min().item(), x.max().item(), len(left), flush=True)
+    """
+)
+
+
+def test_cpu_ranks_leave_no_shared_memory_behind():
+    """The `deepspeed` launcher's LOCAL_SIZE turns on DeepSpeed's shared-memory all-reduce on the
+    CPU; its /dev/shm names are gone once the ranks have joined, and the buffers still work."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHARED_MEMORY],
+            env={**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                 "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank, output in enumerate(outputs):
+        lines = [line.split() for line in output.splitlines() if line.startswith("rank ")]
+        assert lines == [["rank", str(rank), "True", "3.0", "3.0", "0"]], output
+    assert not [n for n in os.listdir("/dev/shm") if f"_{port}_" in n]
