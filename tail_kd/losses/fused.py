@@ -203,17 +203,20 @@ class _FusedDistillationLoss(torch.autograd.Function):
                 f"[{int(targets.min())}, {int(targets.max())}]"
             )
         # The matmuls run in the weights' dtype (bf16 on GPU); everything after them in float32
-        # (float64 for float64 weights, which the tests use).
-        s_h = s_hidden.reshape(-1, s_hidden.shape[-1]).index_select(0, valid).to(s_weight.dtype)
+        # (float64 for float64 weights, which the tests use). Hidden rows are gathered chunk by
+        # chunk, and the hidden-state gradient goes straight into its full-size result, so no
+        # [tokens, H] copy exists beside the caller's tensors.
+        s_rows = _Rows(s_hidden, s_weight.dtype)
         s_w = s_weight[: shards.kept]
-        t_h = t_w = None
+        t_rows = t_w = None
         if spec.uses_teacher:
-            t_h = t_hidden.reshape(-1, t_hidden.shape[-1]).index_select(0, valid).to(t_weight.dtype)
+            t_rows = _Rows(t_hidden, t_weight.dtype)
             t_w = t_weight[: shards.kept]
         seq_ids = valid // seq_len
+        scale = 1.0 / max(valid.numel(), 1)
 
         want_grad_h, want_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(s_h) if want_grad_h else None
+        grad_h = torch.zeros_like(s_rows.flat) if want_grad_h else None
         grad_w = torch.zeros_like(s_weight) if want_grad_w else None
         sums = torch.zeros(len(_STATS), dtype=_math_dtype(s_weight), device=s_hidden.device)
 
@@ -221,11 +224,13 @@ class _FusedDistillationLoss(torch.autograd.Function):
         chunks, long_seqs = _plan_chunks(seq_ids, batch, spec)
         seq_mean_alpha = sums.new_full((batch,), float("nan"))
         if long_seqs:
-            _teacher_prepass(t_h, t_w, seq_ids, long_seqs, seq_mean_alpha, spec, shards, kernels)
+            _teacher_prepass(t_rows, t_w, valid, seq_ids, long_seqs, seq_mean_alpha, spec, shards, kernels)
 
         for start, end in chunks:
+            rows = valid[start:end]
+            s_h = s_rows[rows]
             terms, grad_logits = _chunk(
-                s_h[start:end], s_w, None if t_h is None else t_h[start:end], t_w,
+                s_h, s_w, None if t_rows is None else t_rows[rows], t_w,
                 targets[start:end], seq_ids[start:end], seq_mean_alpha, spec, shards, kernels,
                 want_grad=want_grad_h or want_grad_w,
             )
@@ -233,11 +238,10 @@ class _FusedDistillationLoss(torch.autograd.Function):
             if grad_logits is None:
                 continue
             if want_grad_h:
-                grad_h[start:end] = shards.sum_(grad_logits @ s_w)
+                grad_h.index_copy_(0, rows, shards.sum_(grad_logits @ s_w).mul_(scale).to(grad_h.dtype))
             if want_grad_w:
-                grad_w[: shards.kept].addmm_(grad_logits.T, s_h[start:end])
+                grad_w[: shards.kept].addmm_(grad_logits.T, s_h)
 
-        scale = 1.0 / max(valid.numel(), 1)
         stats = sums * scale
         if not spec.uses_teacher:
             stats[1:] = float("nan")
@@ -247,8 +251,7 @@ class _FusedDistillationLoss(torch.autograd.Function):
             stats[1] = 0.0
         loss = stats[0] * spec.ce_weight + stats[1]
         if want_grad_h:
-            full = torch.zeros(batch * seq_len, s_h.shape[-1], dtype=s_hidden.dtype, device=s_h.device)
-            ctx.grad_h = full.index_copy_(0, valid, grad_h.mul_(scale).to(full.dtype)).view_as(s_hidden)
+            ctx.grad_h = grad_h.view_as(s_hidden)
         if want_grad_w:
             ctx.grad_w = grad_w.mul_(scale)
         ctx.mark_non_differentiable(stats)
@@ -263,6 +266,17 @@ class _FusedDistillationLoss(torch.autograd.Function):
             if grad is not None:
                 grad.mul_(grad_loss.to(grad.dtype))
         return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+class _Rows:
+    """Rows of hidden states [B, T, H] by flat position, in the matmul dtype, gathered on demand."""
+
+    def __init__(self, hidden: Tensor, dtype: torch.dtype):
+        self.flat = hidden.reshape(-1, hidden.shape[-1])
+        self.dtype = dtype
+
+    def __getitem__(self, positions: Tensor) -> Tensor:
+        return self.flat.index_select(0, positions).to(self.dtype)
 
 
 def _plan_chunks(seq_ids: Tensor, batch: int, spec: _Spec) -> tuple[list[tuple[int, int]], list[int]]:
@@ -304,7 +318,7 @@ def _kth_largest(t: Tensor, k: int | None, shards: VocabShards, dtype: torch.dty
     return shards.kth_largest(t, k).to(dtype)
 
 
-def _teacher_prepass(t_h, t_w, seq_ids, long_seqs, seq_mean_alpha, spec: _Spec, shards, kernels) -> None:
+def _teacher_prepass(t_rows, t_w, valid, seq_ids, long_seqs, seq_mean_alpha, spec: _Spec, shards, kernels):
     """Fill seq_mean_alpha[s] = mean teacher tail mass over long sequence s (teacher only)."""
     dtype = seq_mean_alpha.dtype
     long_ids = torch.tensor(long_seqs, device=seq_ids.device)
@@ -312,7 +326,7 @@ def _teacher_prepass(t_h, t_w, seq_ids, long_seqs, seq_mean_alpha, spec: _Spec, 
     sums = torch.zeros_like(seq_mean_alpha)
     for start in range(0, index.numel(), spec.chunk_size):
         rows = index[start : start + spec.chunk_size]
-        t = t_h[rows] @ t_w.T
+        t = t_rows[valid[rows]] @ t_w.T
         norm = shards.logsumexp(kernels.normalisers(t, t, _kth_largest(t, spec.k, shards, dtype), dtype, True))
         sums.index_add_(0, seq_ids[rows], (norm[:, 2] - norm[:, 0]).exp())
     counts = torch.bincount(seq_ids[index], minlength=seq_mean_alpha.numel()).to(dtype)
