@@ -71,6 +71,7 @@ class ModelPlan:
     """What the models will be, known before any weight is loaded."""
 
     teacher_dir: str  # a local Hugging Face folder (or hub id)
+    teacher_config: PretrainedConfig
     teacher_tokenizer: Any  # tokenises the data
     student_tokenizer: Any  # exported with the student: the teacher's unless it has its own
     student_config: PretrainedConfig
@@ -134,6 +135,7 @@ def plan_models(recipe: Recipe, ctx: DistContext | None = None) -> ModelPlan:
     _check_fit(recipe, teacher_config, student_config, vocab_size)
     return ModelPlan(
         teacher_dir,
+        teacher_config,
         teacher_tokenizer,
         student_tokenizer,
         student_config,

@@ -278,12 +278,10 @@ def _device_name(device):
 
 def compare_with_plan(recipe, plan, device, measured):
     """Print and return tail-kd plan's estimate for this one-rank run against the measured peak."""
-    from transformers import AutoConfig
-
     from tail_kd.memory_plan import estimate, model_shape, setup_of
 
     setup = setup_of(recipe, device=device, gpus=1, gpus_per_node=1)
-    teacher = model_shape(AutoConfig.from_pretrained(plan.teacher_dir))
+    teacher = model_shape(plan.teacher_config)
     parts = estimate(model_shape(plan.student_config), teacher, setup, recipe.train.micro_batch_size)
     print(f"\npeak memory: measured {measured / 2**20:.0f} MiB, tail-kd plan estimates "
           f"{parts['total'] / 2**20:.0f} MiB (estimate / measured = {parts['total'] / measured:.2f})")
