@@ -221,17 +221,19 @@ class _FusedDistillationLoss(torch.autograd.Function):
         sums = torch.zeros(len(_STATS), dtype=_math_dtype(s_weight), device=s_hidden.device)
 
         kernels = Kernels(compiled=spec.compile)
-        chunks, long_seqs = _plan_chunks(seq_ids, batch, spec)
+        # Valid tokens per sequence, counted once: the chunk loop then never waits for the device
+        seq_tokens = torch.bincount(seq_ids, minlength=batch) if spec.whole_sequences else None
+        chunks, long_seqs = _plan_chunks(seq_tokens, valid.numel(), spec)
         seq_mean_alpha = sums.new_full((batch,), float("nan"))
         if long_seqs:
-            _teacher_prepass(t_rows, t_w, valid, seq_ids, long_seqs, seq_mean_alpha, spec, shards, kernels)
+            _teacher_prepass(t_rows, t_w, valid, seq_ids, seq_tokens, long_seqs, seq_mean_alpha, spec, shards, kernels)
 
         for start, end in chunks:
             rows = valid[start:end]
             s_h = s_rows[rows]
             terms, grad_logits = _chunk(
                 s_h, s_w, None if t_rows is None else t_rows[rows], t_w,
-                targets[start:end], seq_ids[start:end], seq_mean_alpha, spec, shards, kernels,
+                targets[start:end], seq_ids[start:end], seq_tokens, seq_mean_alpha, spec, shards, kernels,
                 want_grad=want_grad_h or want_grad_w,
             )
             sums[: terms.shape[1]] += terms.sum(0)
@@ -279,18 +281,19 @@ class _Rows:
         return self.flat.index_select(0, positions).to(self.dtype)
 
 
-def _plan_chunks(seq_ids: Tensor, batch: int, spec: _Spec) -> tuple[list[tuple[int, int]], list[int]]:
-    """Token ranges [start, end) over the valid tokens, and the sequences needing a pre-pass.
+def _plan_chunks(seq_tokens: Tensor | None, n: int, spec: _Spec) -> tuple[list[tuple[int, int]], list[int]]:
+    """Token ranges [start, end) over the n valid tokens, and the sequences needing a pre-pass.
 
-    Without sequence-level normalisation, plain ranges of chunk_size tokens. With it, each chunk
-    holds whole sequences; a sequence longer than chunk_size is split and listed as long.
+    Without sequence-level normalisation (seq_tokens None), plain ranges of chunk_size tokens.
+    With it, each chunk holds whole sequences (seq_tokens: valid tokens per sequence); a sequence
+    longer than chunk_size is split and listed as long.
     """
-    n, size = seq_ids.numel(), spec.chunk_size
-    if not spec.whole_sequences:
+    size = spec.chunk_size
+    if seq_tokens is None:
         return [(s, min(s + size, n)) for s in range(0, n, size)], []
     chunks, long_seqs = [], []
     pos = chunk_start = 0
-    for seq, count in enumerate(torch.bincount(seq_ids, minlength=batch).tolist()):
+    for seq, count in enumerate(seq_tokens.tolist()):
         if count > size:
             if pos > chunk_start:
                 chunks.append((chunk_start, pos))
@@ -318,7 +321,7 @@ def _kth_largest(t: Tensor, k: int | None, shards: VocabShards, dtype: torch.dty
     return shards.kth_largest(t, k).to(dtype)
 
 
-def _teacher_prepass(t_rows, t_w, valid, seq_ids, long_seqs, seq_mean_alpha, spec: _Spec, shards, kernels):
+def _teacher_prepass(t_rows, t_w, valid, seq_ids, seq_tokens, long_seqs, seq_mean_alpha, spec: _Spec, shards, kernels):
     """Fill seq_mean_alpha[s] = mean teacher tail mass over long sequence s (teacher only)."""
     dtype = seq_mean_alpha.dtype
     long_ids = torch.tensor(long_seqs, device=seq_ids.device)
@@ -329,19 +332,18 @@ def _teacher_prepass(t_rows, t_w, valid, seq_ids, long_seqs, seq_mean_alpha, spe
         t = t_rows[valid[rows]] @ t_w.T
         norm = shards.logsumexp(kernels.normalisers(t, t, _kth_largest(t, spec.k, shards, dtype), dtype, True))
         sums.index_add_(0, seq_ids[rows], (norm[:, 2] - norm[:, 0]).exp())
-    counts = torch.bincount(seq_ids[index], minlength=seq_mean_alpha.numel()).to(dtype)
-    seq_mean_alpha[long_ids] = sums[long_ids] / counts[long_ids]
+    seq_mean_alpha[long_ids] = sums[long_ids] / seq_tokens[long_ids]
 
 
-def _sequence_mean_alpha(alpha_t, seq_ids, seq_mean_alpha) -> Tensor:
-    """Per-token mean teacher tail mass of its sequence: from the pre-pass, else from this chunk."""
+def _sequence_mean_alpha(alpha_t, seq_ids, seq_tokens, seq_mean_alpha) -> Tensor:
+    """Per-token mean teacher tail mass of its sequence: from the pre-pass, else from this chunk,
+    which then holds all of the sequence's seq_tokens valid tokens."""
     sums = torch.zeros_like(seq_mean_alpha).index_add_(0, seq_ids, alpha_t)
-    counts = torch.bincount(seq_ids, minlength=seq_mean_alpha.numel()).to(sums.dtype)
-    in_chunk = sums / counts.clamp_min(1)
+    in_chunk = sums / seq_tokens.clamp_min(1)
     return torch.where(seq_mean_alpha.isnan(), in_chunk, seq_mean_alpha)[seq_ids]
 
 
-def _chunk(s_h, s_w, t_h, t_w, targets, seq_ids, seq_mean_alpha, spec: _Spec, shards, kernels, want_grad):
+def _chunk(s_h, s_w, t_h, t_w, targets, seq_ids, seq_tokens, seq_mean_alpha, spec: _Spec, shards, kernels, want_grad):
     """Loss terms [c, len(_STATS)] and gradient w.r.t. the local student logits [c, V_r] (or None)."""
     dtype = _math_dtype(s_w)
     s = s_h @ s_w.T  # raw logits in the weights' dtype; the kernels upcast as they read
@@ -376,7 +378,7 @@ def _chunk(s_h, s_w, t_h, t_w, targets, seq_ids, seq_mean_alpha, spec: _Spec, sh
     if spec.divergence == "tad":
         omega = spec.beta * alpha_t
         if spec.normalize:
-            mean = _sequence_mean_alpha(alpha_t, seq_ids, seq_mean_alpha)
+            mean = _sequence_mean_alpha(alpha_t, seq_ids, seq_tokens, seq_mean_alpha)
             omega = omega / mean.clamp_min(torch.finfo(mean.dtype).tiny)
     elif spec.divergence == "forward_kl":
         omega = alpha_t
