@@ -22,6 +22,10 @@ CASES = [
     # padded rows: the last rank's shard is padding only (vocab 33 of 40 rows)
     ([20, 13, 7], 33, dict(divergence="tad", k=8, beta=2.0, normalize=True, chunk_size=5)),
     ([2, 38], 33, dict(divergence="tad", k=3, beta=2.0, normalize=True, chunk_size=100)),
+    # compiled, as the trainer runs it on GPUs (a long sequence: the teacher pre-pass too)
+    ([10, 27], None, dict(divergence="tad", k=5, beta=2.0, normalize=True, chunk_size=4, compile=True)),
+    ([20, 13, 7], 33, dict(divergence="tad", k=8, beta=2.0, normalize=True, chunk_size=5, compile=True)),
+    ([20, 13, 7], 33, dict(divergence="reverse_kl", k=None, beta=1.0, normalize=True, chunk_size=18, compile=True)),
 ]
 
 
@@ -52,7 +56,7 @@ def test_vocab_parallel_equals_single_process(tmp_path, world):
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), cases), nprocs=world, join=True)
     for i, (sizes, vocab_size, kwargs) in enumerate(cases):
         batch = _batch(sum(sizes), vocab_size)
-        reference_kwargs = {key: value for key, value in kwargs.items() if key != "chunk_size"}
+        reference_kwargs = {key: value for key, value in kwargs.items() if key not in ("chunk_size", "compile")}
         ref_loss, ref_grad_h, ref_grad_w = loss_and_grads(
             dense_reference, *batch, ce_weight=1.0, vocab_size=vocab_size, **reference_kwargs
         )
