@@ -187,7 +187,7 @@ class LossConfig:
     normalize: bool = True  # divide beta by the sequence's mean teacher tail mass
     ce_weight: float = _field(1.0, NON_NEGATIVE)
     chunk_size: int = _field(1024, POSITIVE)  # tokens per fused-loss chunk
-    # The fused loss's elementwise passes: torch.compile'd or eager; auto = compiled on GPUs.
+    # The fused loss's chunks: torch.compile'd or eager; auto = compiled on GPUs.
     kernels: Literal["auto", "eager", "compiled"] = "auto"
 
     def __post_init__(self) -> None:

@@ -38,6 +38,7 @@ gradient.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .dense import validate_tad_args
-from .kernels import Kernels
+from . import kernels
 from .vocab_parallel import VocabShards
 
 __all__ = ["fused_tad_loss", "TADLossOutput", "DIVERGENCES", "IGNORE_INDEX"]
@@ -130,8 +131,9 @@ def fused_tad_loss(
         vocab_size: rows with global index >= vocab_size are padding, excluded from both softmaxes.
         group: vocab-parallel process group (each rank passes its contiguous row shard, rank order).
         chunk_size: tokens per chunk; peak extra memory is a few chunk_size x V_r float32 buffers.
-        compile: torch.compile the elementwise passes (`kernels.py`): fewer passes over memory and
-            no float32 intermediates; the first call of each configuration pays the compilation.
+        compile: torch.compile each chunk's work (the elementwise passes of `kernels.py` and the
+            per-token arithmetic around them): fewer passes over memory, no float32 intermediates,
+            fewer kernel launches; the first call of each configuration pays the compilation.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
@@ -220,20 +222,20 @@ class _FusedDistillationLoss(torch.autograd.Function):
         grad_w = torch.zeros_like(s_weight) if want_grad_w else None
         sums = torch.zeros(len(_STATS), dtype=_math_dtype(s_weight), device=s_hidden.device)
 
-        kernels = Kernels(compiled=spec.compile)
+        chunk_terms = _compiled(_chunk) if spec.compile else _chunk
         # Valid tokens per sequence, counted once: the chunk loop then never waits for the device
         seq_tokens = torch.bincount(seq_ids, minlength=batch) if spec.whole_sequences else None
         chunks, long_seqs = _plan_chunks(seq_tokens, valid.numel(), spec)
         seq_mean_alpha = sums.new_full((batch,), float("nan"))
         if long_seqs:
-            _teacher_prepass(t_rows, t_w, valid, seq_ids, seq_tokens, long_seqs, seq_mean_alpha, spec, shards, kernels)
+            _teacher_prepass(t_rows, t_w, valid, seq_ids, seq_tokens, long_seqs, seq_mean_alpha, spec, shards)
 
         for start, end in chunks:
             rows = valid[start:end]
             s_h = s_rows[rows]
-            terms, grad_logits = _chunk(
+            terms, grad_logits = chunk_terms(
                 s_h, s_w, None if t_rows is None else t_rows[rows], t_w,
-                targets[start:end], seq_ids[start:end], seq_tokens, seq_mean_alpha, spec, shards, kernels,
+                targets[start:end], seq_ids[start:end], seq_tokens, seq_mean_alpha, spec, shards,
                 want_grad=want_grad_h or want_grad_w,
             )
             sums[: terms.shape[1]] += terms.sum(0)
@@ -309,6 +311,14 @@ def _plan_chunks(seq_tokens: Tensor | None, n: int, spec: _Spec) -> tuple[list[t
     return chunks, long_seqs
 
 
+@functools.cache
+def _compiled(fn):
+    """fn through torch.compile: each chunk's elementwise passes and per-token arithmetic fuse into
+    a few loops, and its float32 intermediates never exist in memory (dynamic shapes: chunks
+    differ in length). Collectives of vocab-parallel groups split the graph where they sit."""
+    return torch.compile(fn, dynamic=True)
+
+
 def _math_dtype(weight: Tensor) -> torch.dtype:
     """float32, or float64 for float64 weights (the tests' exact comparisons)."""
     return torch.promote_types(weight.dtype, torch.float32)
@@ -321,7 +331,7 @@ def _kth_largest(t: Tensor, k: int | None, shards: VocabShards, dtype: torch.dty
     return shards.kth_largest(t, k).to(dtype)
 
 
-def _teacher_prepass(t_rows, t_w, valid, seq_ids, seq_tokens, long_seqs, seq_mean_alpha, spec: _Spec, shards, kernels):
+def _teacher_prepass(t_rows, t_w, valid, seq_ids, seq_tokens, long_seqs, seq_mean_alpha, spec: _Spec, shards):
     """Fill seq_mean_alpha[s] = mean teacher tail mass over long sequence s (teacher only)."""
     dtype = seq_mean_alpha.dtype
     long_ids = torch.tensor(long_seqs, device=seq_ids.device)
@@ -329,10 +339,16 @@ def _teacher_prepass(t_rows, t_w, valid, seq_ids, seq_tokens, long_seqs, seq_mea
     sums = torch.zeros_like(seq_mean_alpha)
     for start in range(0, index.numel(), spec.chunk_size):
         rows = index[start : start + spec.chunk_size]
-        t = t_rows[valid[rows]] @ t_w.T
-        norm = shards.logsumexp(kernels.normalisers(t, t, _kth_largest(t, spec.k, shards, dtype), dtype, True))
-        sums.index_add_(0, seq_ids[rows], (norm[:, 2] - norm[:, 0]).exp())
+        tail_mass = _compiled(_teacher_tail_mass) if spec.compile else _teacher_tail_mass
+        sums.index_add_(0, seq_ids[rows], tail_mass(t_rows[valid[rows]], t_w, spec.k, shards, dtype))
     seq_mean_alpha[long_ids] = sums[long_ids] / seq_tokens[long_ids]
+
+
+def _teacher_tail_mass(t_h, t_w, k: int, shards: VocabShards, dtype: torch.dtype) -> Tensor:
+    """alpha_T = exp(log Z_T,tail - log Z_T) per token [c], from the teacher alone."""
+    t = t_h @ t_w.T
+    norm = shards.logsumexp(kernels.normalisers(t, t, _kth_largest(t, k, shards, dtype), dtype, True))
+    return (norm[:, 2] - norm[:, 0]).exp()
 
 
 def _sequence_mean_alpha(alpha_t, seq_ids, seq_tokens, seq_mean_alpha) -> Tensor:
@@ -343,7 +359,7 @@ def _sequence_mean_alpha(alpha_t, seq_ids, seq_tokens, seq_mean_alpha) -> Tensor
     return torch.where(seq_mean_alpha.isnan(), in_chunk, seq_mean_alpha)[seq_ids]
 
 
-def _chunk(s_h, s_w, t_h, t_w, targets, seq_ids, seq_tokens, seq_mean_alpha, spec: _Spec, shards, kernels, want_grad):
+def _chunk(s_h, s_w, t_h, t_w, targets, seq_ids, seq_tokens, seq_mean_alpha, spec: _Spec, shards, want_grad):
     """Loss terms [c, len(_STATS)] and gradient w.r.t. the local student logits [c, V_r] (or None)."""
     dtype = _math_dtype(s_w)
     s = s_h @ s_w.T  # raw logits in the weights' dtype; the kernels upcast as they read

@@ -1,9 +1,10 @@
-"""Elementwise passes over one chunk of logits [c, V_r]: pure functions, optionally torch.compile'd.
+"""Elementwise passes over one chunk of logits [c, V_r]: pure functions.
 
 Each function reads the raw logits of a chunk (any float dtype; math in float32 or float64) and
 returns per-token partial results for this rank's vocabulary slice. Cross-rank combination happens
-between them, in `fused.py`, which is why they are split where they are. Compiled, each function
-becomes one or two fused loops over the chunk, and the float32 intermediates never exist in memory.
+between them, in `fused.py`, which is why they are split where they are. With `compile=True`,
+`fused.py` compiles them together with the rest of a chunk's arithmetic: each becomes one or two
+fused loops over the chunk, and the float32 intermediates never exist in memory.
 
 Notation of `fused.py`: T_K = {j : t_j >= thr} (thr = the teacher's K-th largest logit, +inf for
 "no top-K"), log Z = logsumexp over V, log Z_tail = logsumexp over the tail, and
@@ -14,12 +15,10 @@ Notation of `fused.py`: T_K = {j : t_j >= thr} (thr = the teacher's K-th largest
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-__all__ = ["Kernels"]
+__all__ = ["normalisers", "tad_terms", "reverse_kl_terms", "reverse_kl_grad", "softmax_grad", "logsumexp"]
 
 
 def _region_logsumexps(x: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,19 +109,3 @@ def softmax_grad(s, s_lse, ce_weight: float, target, ce_owned, dtype, grad_dtype
 def logsumexp(x: Tensor, dtype: torch.dtype) -> Tensor:
     """log Z over this slice [c]."""
     return x.to(dtype).logsumexp(-1)
-
-
-class Kernels:
-    """The functions above, eager or compiled (dynamic shapes: chunks differ in length)."""
-
-    _NAMES = ("logsumexp", "normalisers", "tad_terms", "reverse_kl_terms", "reverse_kl_grad", "softmax_grad")
-
-    def __init__(self, compiled: bool):
-        for name in self._NAMES:
-            fn = globals()[name]
-            setattr(self, name, _compiled(name) if compiled else fn)
-
-
-@functools.cache
-def _compiled(name: str):
-    return torch.compile(globals()[name], dynamic=True)

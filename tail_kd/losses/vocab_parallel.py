@@ -77,6 +77,8 @@ class VocabShards:
         if local_top.shape[-1] < k:  # fewer than K local rows: pad with -inf
             pad = local_top.new_full((c, k - local_top.shape[-1]), float("-inf"))
             local_top = torch.cat([local_top, pad], dim=-1)
+        if self.group is None:
+            return local_top[:, -1]
         candidates = self._all_gather(local_top).permute(1, 0, 2).reshape(c, -1)
         return candidates.topk(k, dim=-1).values[:, -1]
 
