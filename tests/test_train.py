@@ -288,6 +288,13 @@ def test_vocab_parallel_heads_train_the_same_student(workdir, full, tmp_path):
     assert_same_run(full, resumed, STEPS, tmp_path)
 
 
+def test_compiled_vocab_parallel_loss_trains_the_same_student(workdir, full, tmp_path):
+    """What GPUs run by default (`loss.kernels: auto` compiles each chunk), with the chunk's
+    graph split at the vocab-parallel collectives: the same run as the eager, P = 1 one."""
+    sets = [*COMMON, "parallel.vocab_parallel_size=2", "loss.kernels=compiled"]
+    assert_same_run(full, launch(workdir / "compiled", workdir / "cache", sets), STEPS, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def untied_student(workdir, full) -> Path:
     """A config-only student folder: the derived tiny student with its own (untied) lm_head."""
