@@ -204,9 +204,9 @@ def measure_all(argv, args):
             for name in args.variants:
                 print(f"{measure}: {name} at V={vocab} ...", file=sys.stderr, flush=True)
                 new = run_in_subprocess(argv, name, vocab, measure)
-                old = results.setdefault((vocab, name), {})
+                old = results.setdefault((vocab, name), {"variant": name, "vocab": vocab})
                 if "error" in new or "error" in old:
-                    old.setdefault("error", new.get("error"))
+                    old.setdefault("error", f"{measure}: {new.get('error')}")
                     continue
                 if "time_ms" in old and "time_ms" in new:
                     new["time_ms"] = min(old["time_ms"], new["time_ms"])
@@ -260,10 +260,10 @@ def main(argv=None):
         print(json.dumps(run_worker(args, name, int(vocab), measure)))
         return
     results = measure_all(argv, args)
-    print_table(results, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)
+    print_table(results, args)
 
 
 if __name__ == "__main__":

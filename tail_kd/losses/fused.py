@@ -313,9 +313,10 @@ def _plan_chunks(seq_tokens: Tensor | None, n: int, spec: _Spec) -> tuple[list[t
 
 @functools.cache
 def _compiled(fn):
-    """fn through torch.compile: each chunk's elementwise passes and per-token arithmetic fuse into
-    a few loops, and its float32 intermediates never exist in memory (dynamic shapes: chunks
-    differ in length). Collectives of vocab-parallel groups split the graph where they sit."""
+    """fn through torch.compile, as one graph: around the matmuls and the top-K, a chunk's
+    elementwise passes and per-token arithmetic fuse into a few loops whose float32
+    intermediates never exist in memory (dynamic shapes: chunks differ in length). Collectives
+    of vocab-parallel groups split the graph where they sit."""
     return torch.compile(fn, dynamic=True)
 
 
@@ -337,9 +338,9 @@ def _teacher_prepass(t_rows, t_w, valid, seq_ids, seq_tokens, long_seqs, seq_mea
     long_ids = torch.tensor(long_seqs, device=seq_ids.device)
     index = torch.isin(seq_ids, long_ids).nonzero().squeeze(1)
     sums = torch.zeros_like(seq_mean_alpha)
+    tail_mass = _compiled(_teacher_tail_mass) if spec.compile else _teacher_tail_mass
     for start in range(0, index.numel(), spec.chunk_size):
         rows = index[start : start + spec.chunk_size]
-        tail_mass = _compiled(_teacher_tail_mass) if spec.compile else _teacher_tail_mass
         sums.index_add_(0, seq_ids[rows], tail_mass(t_rows[valid[rows]], t_w, spec.k, shards, dtype))
     seq_mean_alpha[long_ids] = sums[long_ids] / seq_tokens[long_ids]
 
