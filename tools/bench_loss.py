@@ -11,7 +11,7 @@ one into the next:
     liger_compiled the same with torch.compile (Liger's default)
     fused_kl       this project's fused loss, divergence="forward_kl" (vanilla KD) + CE, eager
     fused_tad      this project's fused loss, divergence="tad" (K, beta=2, normalised) + CE, eager
-    *_compiled     the same with compile=True (its elementwise passes through torch.compile)
+    *_compiled     the same with compile=True (each chunk's work through torch.compile)
 
 Time: the median of --iters steps after a warm-up; with --rounds R every variant is timed R times,
 round robin, and keeps its fastest median (a shared or throttled machine drifts between runs).
@@ -34,6 +34,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import torch
 
 import peak_memory
 from tail_kd.cli import CPU_MALLOC
@@ -64,10 +66,10 @@ def parse_args(argv=None):
 # Worker side: one variant, one vocabulary size, in a fresh process.
 
 
-def build_loss(name, args, torch):
+def build_loss(name, args):
     """A function (s_hidden, s_weight, t_hidden, t_weight, labels) -> scalar loss."""
     if name == "matmuls":
-        return matmul_floor(args.chunk_size, torch)
+        return matmul_floor(args.chunk_size)
     if name == "dense":
         from tail_kd.losses import tad_divergence
 
@@ -95,7 +97,7 @@ def build_loss(name, args, torch):
     ).loss
 
 
-def matmul_floor(chunk_size, torch):
+def matmul_floor(chunk_size):
     """The four matmuls per chunk that every fused loss does, with the cheapest stand-in for the
     loss between them: logit gradient = student logits - teacher logits (one elementwise pass)."""
 
@@ -121,9 +123,7 @@ def matmul_floor(chunk_size, torch):
 
 def run_worker(args, name, vocab, measure):
     """Time (median of --iters steps) and/or peak memory of one variant, after a warm-up step."""
-    import torch
-
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(device_type(args))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
     )
@@ -137,7 +137,7 @@ def run_worker(args, name, vocab, measure):
     sw = randn(vocab, args.hidden, scale=scale).requires_grad_(True)
     th, tw = randn(args.batch, args.seq_len, args.hidden), randn(vocab, args.hidden, scale=scale)
     labels = torch.randint(0, vocab, (args.batch, args.seq_len), generator=g).to(device)
-    loss_fn = build_loss(name, args, torch)
+    loss_fn = build_loss(name, args)
 
     def step():
         sh.grad = sw.grad = None
@@ -167,6 +167,11 @@ def run_worker(args, name, vocab, measure):
     return result
 
 
+def device_type(args):
+    """"cuda" or "cpu": --device, where auto means a GPU when there is one."""
+    return "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def cpu_name():
     for line in open("/proc/cpuinfo"):
         if line.startswith("model name"):
@@ -194,10 +199,7 @@ def run_in_subprocess(argv, name, vocab, measure):
 
 def measure_all(argv, args):
     """One result per (vocabulary, variant): the fastest of --rounds timings, and the memory."""
-    import torch
-
-    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    runs = (["time", "memory"] if on_cpu else ["both"]) + ["time"] * (args.rounds - 1)
+    runs = (["time", "memory"] if device_type(args) == "cpu" else ["both"]) + ["time"] * (args.rounds - 1)
     results = {}
     for measure in runs:
         for vocab in args.vocab:
