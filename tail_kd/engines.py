@@ -54,13 +54,10 @@ from tail_kd.distributed import DistContext
 from tail_kd.eval.metrics import TokenMetrics, score_hidden_states
 from tail_kd.sharded_heads import ShardedHead, VocabGroups, group_loss, vocab_groups
 from tail_kd.losses import (
-    IGNORE_INDEX,
-    TADLossOutput,
-    forward_kl,
-    fused_tad_loss,
-    reverse_kl,
-    tad_divergence,
-    teacher_top_k_mask,
+    DistillationLossOutput,
+    LossInputs,
+    dense_distillation_loss,
+    fused_distillation_loss,
 )
 
 __all__ = [
@@ -71,7 +68,6 @@ __all__ = [
     "model_dtype",
     "warmup_cosine",
     "loss_function",
-    "dense_reference_loss",
     "TeacherHiddenStates",
     "StudentWithLoss",
     "Distiller",
@@ -275,13 +271,13 @@ def _weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str
 # The loss, fused or dense
 # ---------------------------------------------------------------------------------------------
 
-LossFunction = Callable[..., TADLossOutput]
+LossFunction = Callable[..., DistillationLossOutput]
 
 
 def loss_function(
     recipe: Recipe, vocab_size: int, device: str, *, reference: bool = False
 ) -> LossFunction:
-    """The loss as `fn(s_hidden, s_weight, t_hidden, t_weight, labels) -> TADLossOutput`.
+    """The loss as `fn(*LossInputs, group=None) -> DistillationLossOutput`.
 
     The recipe's loss settings are bound; `reference=True` gives the dense reference instead of
     the fused loss (full [tokens, V] logits: for checking and debugging only).
@@ -296,56 +292,11 @@ def loss_function(
         vocab_size=vocab_size,
     )
     if reference:
-        return functools.partial(dense_reference_loss, **options)
+        return functools.partial(dense_distillation_loss, **options)
     compiled = loss.kernels == "compiled" or (loss.kernels == "auto" and device == "cuda")
     return functools.partial(
-        fused_tad_loss, chunk_size=loss.chunk_size, compile=compiled, **options
+        fused_distillation_loss, chunk_size=loss.chunk_size, compile=compiled, **options
     )
-
-
-def dense_reference_loss(
-    student_hidden: Tensor,
-    student_weight: Tensor,
-    teacher_hidden: Tensor,
-    teacher_weight: Tensor,
-    labels: Tensor,
-    *,
-    k: int,
-    beta: float,
-    normalize: bool,
-    ce_weight: float,
-    divergence: str,
-    vocab_size: int,
-) -> TADLossOutput:
-    """What `fused_tad_loss` computes, from full logits with the dense functions and autograd."""
-    s_logits = (student_hidden @ student_weight[:vocab_size].T).float()
-    t_logits = (teacher_hidden @ teacher_weight[:vocab_size].T).float()
-    mask = labels != IGNORE_INDEX
-    ce = F.cross_entropy(
-        s_logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    per_token = {
-        "tad": lambda: tad_divergence(
-            s_logits, t_logits, mask, k=k, beta=beta, normalize=normalize
-        ),
-        "forward_kl": lambda: forward_kl(s_logits, t_logits, mask),
-        "reverse_kl": lambda: reverse_kl(s_logits, t_logits, mask),
-        "none": lambda: torch.zeros_like(ce).view_as(mask),
-    }[divergence]()
-    tail = ~teacher_top_k_mask(t_logits, k)
-    alpha_t = (t_logits.softmax(-1) * tail).sum(-1)
-    alpha_s = (s_logits.softmax(-1) * tail).sum(-1)
-    num_tokens = int(mask.sum())
-
-    def mean(x: Tensor) -> Tensor:
-        return (x.view_as(mask) * mask).sum() / max(num_tokens, 1)
-
-    loss = ce_weight * mean(ce) + mean(per_token)
-    stats = [
-        mean(x).detach()
-        for x in (ce, per_token, forward_kl(s_logits, t_logits, mask), alpha_t, alpha_s)
-    ]
-    return TADLossOutput(loss, *stats, num_tokens=num_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,8 +324,8 @@ class StudentWithLoss(nn.Module):
     Position t's hidden state predicts the token at t + 1: the loss sees hidden[:, :-1] against
     labels[:, 1:] (labels follow the Hugging Face convention, aligned with input_ids, -100 = none).
     Returns a dict of tensors (DeepSpeed's ZeRO-3 hooks only look inside tuples, lists and dicts):
-    `loss` (differentiable) and detached means over valid tokens: `ce`, `divergence`,
-    `kl_to_teacher`, `teacher_tail_mass`, `student_tail_mass`, `student_topk_mass`; `num_tokens`.
+    `tail_kd.losses.LOSS_SCALARS` (the loss differentiable, the rest detached means over the
+    micro-batch's valid tokens) and `num_tokens`.
     """
 
     def __init__(
@@ -412,27 +363,19 @@ class StudentWithLoss(nn.Module):
         weight = self.lm_head_weight if self.groups is None else student_rows
         if not torch.is_grad_enabled():  # evaluation: spare the fused loss its in-pass gradients
             weight = weight.detach()
-        inputs = (
-            out.last_hidden_state[:, :-1],
-            weight,
-            None if teacher_hidden is None else teacher_hidden[:, :-1],
-            teacher_weight,
-            labels[:, 1:],
+        inputs = LossInputs(
+            student_hidden=out.last_hidden_state[:, :-1],
+            student_weight=weight,
+            teacher_hidden=None if teacher_hidden is None else teacher_hidden[:, :-1],
+            teacher_weight=teacher_weight,
+            labels=labels[:, 1:],
         )
         if self.groups is None:
             result = self.loss_fn(*inputs)
         else:
-            result = group_loss(self.loss_fn, *inputs, self.groups)
-        return {
-            "loss": result.loss,
-            "ce": result.ce,
-            "divergence": result.divergence,
-            "kl_to_teacher": result.kl_to_teacher,
-            "teacher_tail_mass": result.teacher_tail_mass,
-            "student_tail_mass": result.student_tail_mass,
-            "student_topk_mass": result.student_topk_mass,
-            "num_tokens": torch.tensor(float(result.num_tokens), device=result.loss.device),
-        }
+            result = group_loss(self.loss_fn, inputs, self.groups)
+        num_tokens = torch.tensor(float(result.num_tokens), device=result.loss.device)
+        return {**result.scalars(), "num_tokens": num_tokens}
 
 
 # ---------------------------------------------------------------------------------------------

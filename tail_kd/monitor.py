@@ -16,20 +16,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from tail_kd.eval.metrics import TOKEN_METRICS
+from tail_kd.losses import LOSS_SCALARS
 
 __all__ = ["Monitor", "LOSS_SCALARS", "TRAIN_SCALARS", "EVAL_SCALARS", "format_metrics"]
 
-# The loss terms every training forward returns (tail_kd.engines.StudentWithLoss), averaged per step.
-LOSS_SCALARS = (
-    "loss",
-    "ce",
-    "divergence",
-    "kl_to_teacher",
-    "teacher_tail_mass",
-    "student_tail_mass",
-    "student_topk_mass",
-)
-# Logged as train/<name> at every log step, and eval/<name> at every evaluation.
+# Logged as train/<name> at every log step: the loss scalars every training forward returns
+# (tail_kd.engines.StudentWithLoss), averaged per step, and the step's own numbers.
 TRAIN_SCALARS = LOSS_SCALARS + (
     "lr",
     "grad_norm",

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tail_kd.losses import TADLossOutput
+from tail_kd.losses import DistillationLossOutput, LossInputs
 
 __all__ = ["VocabGroups", "vocab_groups", "ShardedHead", "group_loss"]
 
@@ -115,9 +115,7 @@ class ShardedHead:
         begin = self.partition[0]
         send = torch.cat([local[start - begin : stop - begin] for start, stop in self.to_send])
         out = send.new_empty(self.rows * self.width)
-        dist.all_to_all_single(
-            out, send, _sizes(self.to_receive), _sizes(self.to_send)
-        )
+        dist.all_to_all_single(out, send, _sizes(self.to_receive), _sizes(self.to_send))
         return out.view(self.rows, self.width)
 
     @torch.no_grad()
@@ -160,16 +158,11 @@ class ShardedHead:
 
 
 def group_loss(
-    loss_fn: Callable[..., TADLossOutput],
-    hidden: Tensor,
-    student_rows: Tensor,
-    teacher_hidden: Tensor | None,
-    teacher_rows: Tensor | None,
-    labels: Tensor,
-    groups: VocabGroups,
-) -> TADLossOutput:
+    loss_fn: Callable[..., DistillationLossOutput], inputs: LossInputs, groups: VocabGroups
+) -> DistillationLossOutput:
     """This rank's micro-batch loss, computed vocab-parallel by its group; the group's other
-    micro-batches add only their gradient for this rank's rows.
+    micro-batches add only their gradient for this rank's rows (`inputs` holds this rank's
+    hidden states and labels and its rows of both lm_heads).
 
     The members' hidden states, teacher hidden states and labels are all-gathered; the group then
     computes one vocab-parallel loss per member's micro-batch, which is exactly that micro-batch's
@@ -178,13 +171,25 @@ def group_loss(
     rank's rows. The hidden-state gradient reaching this rank's backbone is its own micro-batch's
     (the loss core's group mode gives every member the full hidden-state gradient).
     """
+    hidden = inputs.student_hidden
+    members = {
+        name: _all_gather(value, groups)
+        for name, value in (
+            ("hidden", hidden.detach()),
+            ("teacher_hidden", inputs.teacher_hidden),
+            ("labels", inputs.labels),
+        )
+    }
     own, others = None, None
-    members = [_all_gather(x, groups) for x in (hidden.detach(), teacher_hidden, labels)]
     for m in range(groups.size):
         mine = m == groups.position
-        h = hidden if mine else members[0][m].requires_grad_(hidden.requires_grad)
-        t_hidden = None if teacher_hidden is None else members[1][m]
-        out = loss_fn(h, student_rows, t_hidden, teacher_rows, members[2][m], group=groups.group)
+        teacher_hidden = members["teacher_hidden"]
+        member = inputs._replace(
+            student_hidden=hidden if mine else _leaf_like(members["hidden"][m], hidden),
+            teacher_hidden=None if teacher_hidden is None else teacher_hidden[m],
+            labels=members["labels"][m],
+        )
+        out = loss_fn(*member, group=groups.group)
         if mine:
             own = out
         else:
@@ -193,6 +198,12 @@ def group_loss(
     if others is not None:
         own.loss = own.loss + others
     return own
+
+
+def _leaf_like(x: Tensor, like: Tensor) -> Tensor:
+    """`x` needing a gradient when `like` does (another member's hidden states: their gradient
+    is that member's, and is dropped here)."""
+    return x.requires_grad_(like.requires_grad)
 
 
 def _all_gather(x: Tensor | None, groups: VocabGroups) -> list[Tensor] | None:

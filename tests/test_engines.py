@@ -1,5 +1,5 @@
-"""DeepSpeed configs from recipes, the LR schedule, and the dense reference loss (no engines here;
-test_train.py runs real ZeRO-3 engines)."""
+"""DeepSpeed configs from recipes and the LR schedule (no engines here; test_train.py runs real
+ZeRO-3 engines; the dense reference loss is tested in test_losses_fused.py)."""
 
 import math
 
@@ -10,12 +10,10 @@ from tail_kd.config import Recipe, RecipeError
 from tail_kd.engines import (
     check_deepspeed_config,
     check_deepspeed_overrides,
-    dense_reference_loss,
     student_config,
     teacher_config,
     warmup_cosine,
 )
-from tail_kd.losses import fused_tad_loss
 
 
 def recipe(**sections) -> Recipe:
@@ -101,39 +99,3 @@ def test_warmup_then_cosine_to_min_ratio():
     assert lr[-1] == pytest.approx(0.1)
     assert warmup_cosine(0, warmup_steps=0, total_steps=1, min_ratio=0.3) == pytest.approx(0.3)
     assert math.isclose(warmup_cosine(0, warmup_steps=0, total_steps=5, min_ratio=1.0), 1.0)
-
-
-@pytest.mark.parametrize("divergence", ["tad", "forward_kl", "reverse_kl", "none"])
-def test_dense_reference_matches_fused_loss(divergence):
-    """The --reference-loss path and the fused loss agree on every output and gradient."""
-    g = torch.Generator().manual_seed(0)
-    b, t, hs, ht, rows, vocab = 2, 7, 8, 12, 40, 37  # 3 padding rows
-    s_hidden = torch.randn(b, t, hs, generator=g, dtype=torch.float64, requires_grad=True)
-    s_weight = torch.randn(rows, hs, generator=g, dtype=torch.float64, requires_grad=True)
-    t_hidden = torch.randn(b, t, ht, generator=g, dtype=torch.float64)
-    t_weight = torch.randn(rows, ht, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, vocab, (b, t), generator=g)
-    labels[0, :2] = -100
-    options = dict(
-        k=5, beta=2.0, normalize=True, ce_weight=1.0, divergence=divergence, vocab_size=vocab
-    )
-    outputs = []
-    for loss_fn in (fused_tad_loss, dense_reference_loss):
-        out = loss_fn(s_hidden, s_weight, t_hidden, t_weight, labels, **options)
-        grads = torch.autograd.grad(out.loss, (s_hidden, s_weight))
-        outputs.append((out, grads))
-    (fused, fused_grads), (dense, dense_grads) = outputs
-    for name in (
-        "loss",
-        "ce",
-        "divergence",
-        "kl_to_teacher",
-        "teacher_tail_mass",
-        "student_tail_mass",
-    ):
-        torch.testing.assert_close(
-            getattr(fused, name).detach().double(), getattr(dense, name).detach().double()
-        )
-    assert fused.num_tokens == dense.num_tokens == b * t - 2
-    for fused_grad, dense_grad in zip(fused_grads, dense_grads):
-        torch.testing.assert_close(fused_grad, dense_grad)

@@ -13,7 +13,7 @@ def _softmax(x):
 
 
 def numpy_tad(s_logits, t_logits, mask, k, beta, normalize):
-    """METHOD.md's equations, token by token: top-K by sorting, the tail by complement."""
+    """docs/METHOD.md's equations, token by token: top-K by sorting, the tail by complement."""
     s, t, mask = (np.asarray(x, dtype=np.float64) for x in (s_logits, t_logits, mask))
     batch, length, vocab = s.shape
     d1 = np.zeros((batch, length))
@@ -35,7 +35,9 @@ def numpy_tad(s_logits, t_logits, mask, k, beta, normalize):
     weight = beta * alpha
     if normalize:
         mean = (alpha * mask).sum(1, keepdims=True) / np.maximum(mask.sum(1, keepdims=True), 1)
-        weight = np.divide(weight, mean, out=np.zeros_like(weight), where=mean > 0)  # no tails: no term
+        weight = np.divide(
+            weight, mean, out=np.zeros_like(weight), where=mean > 0
+        )  # no tails: no term
     return np.where(mask > 0, d1 + weight * d2, 0.0)
 
 
@@ -71,8 +73,12 @@ def test_tad_matches_numpy(k, beta, normalize):
 
 def test_kl_baselines_match_numpy():
     s, t, mask = _inputs()
-    np.testing.assert_allclose(forward_kl(s, t, mask).numpy(), numpy_kl(t, s) * mask.numpy(), atol=1e-12)
-    np.testing.assert_allclose(reverse_kl(s, t, mask).numpy(), numpy_kl(s, t) * mask.numpy(), atol=1e-12)
+    np.testing.assert_allclose(
+        forward_kl(s, t, mask).numpy(), numpy_kl(t, s) * mask.numpy(), atol=1e-12
+    )
+    np.testing.assert_allclose(
+        reverse_kl(s, t, mask).numpy(), numpy_kl(s, t) * mask.numpy(), atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("k", [1, 3, 10])
@@ -89,7 +95,9 @@ def test_float32_inputs_give_float32_close_to_float64():
     s, t, mask = _inputs(seed=2)
     out32 = tad_divergence(s.float(), t.float(), mask, k=5, beta=2.0)
     assert out32.dtype == torch.float32
-    torch.testing.assert_close(out32.double(), tad_divergence(s, t, mask, k=5, beta=2.0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        out32.double(), tad_divergence(s, t, mask, k=5, beta=2.0), rtol=1e-4, atol=1e-5
+    )
     bf16 = tad_divergence(s.bfloat16(), t.bfloat16(), mask, k=5, beta=2.0)
     assert bf16.dtype == torch.float32
 
@@ -108,7 +116,7 @@ def test_gradcheck(fn):
 
 
 def test_gradient_matches_method_formula():
-    """METHOD.md: dL/dz_j = q_j - p_j on T_K and (q_j - p_j) + (w - 1)(q_j aT/aS - p_j) on the tail."""
+    """docs/METHOD.md: dL/dz_j = q_j - p_j on T_K and (q_j - p_j) + (w - 1)(q_j aT/aS - p_j) on the tail."""
     s, t, mask = _inputs(batch=1, length=5, vocab=30, seed=4)
     mask[:] = True
     k, beta = 4, 2.0
@@ -143,8 +151,15 @@ def test_peaked_teacher_ties_and_empty_tail_stay_finite():
     torch.testing.assert_close(out[0, 1], forward_kl(s, t, mask)[0, 1])
 
 
-@pytest.mark.parametrize("kwargs, name", [({"k": 0, "beta": 1.0}, "k"), ({"k": -2, "beta": 1.0}, "k"),
-                                          ({"k": 2.5, "beta": 1.0}, "k"), ({"k": 3, "beta": -0.1}, "beta")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"k": 0, "beta": 1.0}, "k"),
+        ({"k": -2, "beta": 1.0}, "k"),
+        ({"k": 2.5, "beta": 1.0}, "k"),
+        ({"k": 3, "beta": -0.1}, "beta"),
+    ],
+)
 def test_bad_arguments_name_the_argument(kwargs, name):
     s, t, mask = _inputs()
     with pytest.raises(ValueError, match=rf"^{name} must"):

@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tail_kd.losses import fused_tad_loss
+from helpers import loss_and_grads, make_batch
+from tail_kd.losses import dense_distillation_loss, fused_distillation_loss
 from tail_kd.losses.vocab_parallel import top_k_values
-from test_losses_fused import dense_reference, loss_and_grads, make_batch
 
 CASES = [
     # (shard sizes, vocab_size, loss kwargs)
@@ -17,15 +17,33 @@ CASES = [
     ([10, 27], None, dict(divergence="tad", k=12, beta=0.5, normalize=False, chunk_size=1000)),
     ([10, 27], None, dict(divergence="reverse_kl", k=3, beta=1.0, normalize=True, chunk_size=5)),
     ([5, 20, 12], None, dict(divergence="tad", k=5, beta=2.0, normalize=True, chunk_size=6)),
-    ([5, 20, 12], None, dict(divergence="forward_kl", k=None, beta=1.0, normalize=True, chunk_size=7)),
+    (
+        [5, 20, 12],
+        None,
+        dict(divergence="forward_kl", k=None, beta=1.0, normalize=True, chunk_size=7),
+    ),
     ([5, 20, 12], None, dict(divergence="none", k=4, beta=1.0, normalize=True, chunk_size=3)),
     # padded rows: the last rank's shard is padding only (vocab 33 of 40 rows)
     ([20, 13, 7], 33, dict(divergence="tad", k=8, beta=2.0, normalize=True, chunk_size=5)),
     ([2, 38], 33, dict(divergence="tad", k=3, beta=2.0, normalize=True, chunk_size=100)),
     # compiled, as the trainer runs it on GPUs (a long sequence: the teacher pre-pass too)
-    ([10, 27], None, dict(divergence="tad", k=5, beta=2.0, normalize=True, chunk_size=4, compile=True)),
-    ([20, 13, 7], 33, dict(divergence="tad", k=8, beta=2.0, normalize=True, chunk_size=5, compile=True)),
-    ([20, 13, 7], 33, dict(divergence="reverse_kl", k=None, beta=1.0, normalize=True, chunk_size=18, compile=True)),
+    (
+        [10, 27],
+        None,
+        dict(divergence="tad", k=5, beta=2.0, normalize=True, chunk_size=4, compile=True),
+    ),
+    (
+        [20, 13, 7],
+        33,
+        dict(divergence="tad", k=8, beta=2.0, normalize=True, chunk_size=5, compile=True),
+    ),
+    (
+        [20, 13, 7],
+        33,
+        dict(
+            divergence="reverse_kl", k=None, beta=1.0, normalize=True, chunk_size=18, compile=True
+        ),
+    ),
 ]
 
 
@@ -36,8 +54,16 @@ def _worker(rank, world, init_file, out_dir, cases):
             s_hidden, s_weight, t_hidden, t_weight, labels = _batch(sum(sizes), vocab_size)
             lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
             result = loss_and_grads(
-                fused_tad_loss, s_hidden, s_weight[lo:hi], t_hidden, t_weight[lo:hi], labels,
-                ce_weight=1.0, vocab_size=vocab_size, group=dist.group.WORLD, **kwargs,
+                fused_distillation_loss,
+                s_hidden,
+                s_weight[lo:hi],
+                t_hidden,
+                t_weight[lo:hi],
+                labels,
+                ce_weight=1.0,
+                vocab_size=vocab_size,
+                group=dist.group.WORLD,
+                **kwargs,
             )
             torch.save(result, os.path.join(out_dir, f"case{i}-rank{rank}.pt"))
     finally:
@@ -45,7 +71,9 @@ def _worker(rank, world, init_file, out_dir, cases):
 
 
 def _batch(rows, vocab_size):
-    s_hidden, s_weight, t_hidden, t_weight, labels = make_batch(batch=2, length=9, rows=rows, seed=7)
+    s_hidden, s_weight, t_hidden, t_weight, labels = make_batch(
+        batch=2, length=9, rows=rows, seed=7
+    )
     return s_hidden, s_weight, t_hidden, t_weight, labels.clamp(max=(vocab_size or rows) - 1)
 
 
@@ -53,12 +81,20 @@ def _batch(rows, vocab_size):
 def test_vocab_parallel_equals_single_process(tmp_path, world):
     """One process group per world size runs every case; each rank's results are checked."""
     cases = [case for case in CASES if len(case[0]) == world]
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), cases), nprocs=world, join=True)
+    mp.spawn(
+        _worker, args=(world, str(tmp_path / "init"), str(tmp_path), cases), nprocs=world, join=True
+    )
     for i, (sizes, vocab_size, kwargs) in enumerate(cases):
         batch = _batch(sum(sizes), vocab_size)
-        reference_kwargs = {key: value for key, value in kwargs.items() if key not in ("chunk_size", "compile")}
+        reference_kwargs = {
+            key: value for key, value in kwargs.items() if key not in ("chunk_size", "compile")
+        }
         ref_loss, ref_grad_h, ref_grad_w = loss_and_grads(
-            dense_reference, *batch, ce_weight=1.0, vocab_size=vocab_size, **reference_kwargs
+            dense_distillation_loss,
+            *batch,
+            ce_weight=1.0,
+            vocab_size=vocab_size,
+            **reference_kwargs,
         )
         for rank in range(world):
             loss, grad_h, grad_w = torch.load(tmp_path / f"case{i}-rank{rank}.pt")

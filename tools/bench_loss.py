@@ -40,20 +40,38 @@ import torch
 import peak_memory
 from tail_kd.cli import CPU_MALLOC
 
-VARIANTS = ("matmuls", "dense", "liger", "liger_compiled", "fused_kl", "fused_kl_compiled", "fused_tad", "fused_tad_compiled")
+VARIANTS = (
+    "matmuls",
+    "dense",
+    "liger",
+    "liger_compiled",
+    "fused_kl",
+    "fused_kl_compiled",
+    "fused_tad",
+    "fused_tad_compiled",
+)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--vocab", type=int, nargs="+", default=[49152, 151936])
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--beta", type=float, default=2.0)
-    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk (all fused variants)")
+    p.add_argument(
+        "--chunk-size", type=int, default=1024, help="tokens per chunk (all fused variants)"
+    )
     p.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up")
-    p.add_argument("--rounds", type=int, default=1, help="time each variant this many times, round robin; keep the fastest")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time each variant this many times, round robin; keep the fastest",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -71,30 +89,42 @@ def build_loss(name, args):
     if name == "matmuls":
         return matmul_floor(args.chunk_size)
     if name == "dense":
-        from tail_kd.losses import tad_divergence
+        from tail_kd.losses import dense_distillation_loss
 
-        def dense(sh, sw, th, tw, labels):
-            s_logits, t_logits = sh @ sw.T, th @ tw.T
-            mask = labels != -100
-            ce = torch.nn.functional.cross_entropy(s_logits.flatten(0, 1).float(), labels.flatten())
-            div = tad_divergence(s_logits, t_logits, mask, k=args.k, beta=args.beta)
-            return ce + div.sum() / mask.sum()
-
-        return dense
+        return lambda sh, sw, th, tw, labels: (
+            dense_distillation_loss(sh, sw, th, tw, labels, k=args.k, beta=args.beta).loss
+        )
     if name.startswith("liger"):
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        liger = LigerFusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=1.0, beta=0.0,
-                                        compiled=name == "liger_compiled", chunk_size=args.chunk_size)
-        return lambda sh, sw, th, tw, labels: liger(sh.flatten(0, 1), sw, th.flatten(0, 1), tw, labels.flatten())
-    from tail_kd.losses import fused_tad_loss
+        liger = LigerFusedLinearJSDLoss(
+            weight_hard_loss=1.0,
+            weight_soft_loss=1.0,
+            beta=0.0,
+            compiled=name == "liger_compiled",
+            chunk_size=args.chunk_size,
+        )
+        return lambda sh, sw, th, tw, labels: liger(
+            sh.flatten(0, 1), sw, th.flatten(0, 1), tw, labels.flatten()
+        )
+    from tail_kd.losses import fused_distillation_loss
 
     divergence = "forward_kl" if name.startswith("fused_kl") else "tad"
     k = args.k if divergence == "tad" else None
-    return lambda sh, sw, th, tw, labels: fused_tad_loss(
-        sh, sw, th, tw, labels, k=k, beta=args.beta, divergence=divergence, chunk_size=args.chunk_size,
-        compile=name.endswith("_compiled"),
-    ).loss
+    return lambda sh, sw, th, tw, labels: (
+        fused_distillation_loss(
+            sh,
+            sw,
+            th,
+            tw,
+            labels,
+            k=k,
+            beta=args.beta,
+            divergence=divergence,
+            chunk_size=args.chunk_size,
+            compile=name.endswith("_compiled"),
+        ).loss
+    )
 
 
 def matmul_floor(chunk_size):
@@ -146,9 +176,12 @@ def run_worker(args, name, vocab, measure):
         return float(loss)
 
     result = {
-        "variant": name, "vocab": vocab, "loss": step(),  # the warm-up step (and compilation)
+        "variant": name,
+        "vocab": vocab,
+        "loss": step(),  # the warm-up step (and compilation)
         "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
-        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
     }
     baseline = peak_memory.reset_peak(device)
     times = []
@@ -168,8 +201,12 @@ def run_worker(args, name, vocab, measure):
 
 
 def device_type(args):
-    """"cuda" or "cpu": --device, where auto means a GPU when there is one."""
-    return "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    """ "cuda" or "cpu": --device, where auto means a GPU when there is one."""
+    return (
+        "cuda"
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
 
 
 def cpu_name():
@@ -199,7 +236,9 @@ def run_in_subprocess(argv, name, vocab, measure):
 
 def measure_all(argv, args):
     """One result per (vocabulary, variant): the fastest of --rounds timings, and the memory."""
-    runs = (["time", "memory"] if device_type(args) == "cpu" else ["both"]) + ["time"] * (args.rounds - 1)
+    runs = (["time", "memory"] if device_type(args) == "cpu" else ["both"]) + ["time"] * (
+        args.rounds - 1
+    )
     results = {}
     for measure in runs:
         for vocab in args.vocab:
@@ -217,10 +256,14 @@ def measure_all(argv, args):
 
 
 def print_table(results, args):
-    print(f"\nshapes: {args.batch}x{args.seq_len} tokens, H={args.hidden}, K={args.k}, beta={args.beta}, "
-          f"chunk={args.chunk_size}; device: {results[0].get('device')}, dtype {results[0].get('dtype')}")
-    header = (f"{'vocab':>7} {'variant':<18} {'loss':>8} {'time ms':>9} {'- matmuls':>9} {'peak MB':>8} "
-              f"{'t/liger':>7} {'t/fused_kl':>10} {'mem/liger':>9} {'mem/dense':>9}")
+    print(
+        f"\nshapes: {args.batch}x{args.seq_len} tokens, H={args.hidden}, K={args.k}, beta={args.beta}, "
+        f"chunk={args.chunk_size}; device: {results[0].get('device')}, dtype {results[0].get('dtype')}"
+    )
+    header = (
+        f"{'vocab':>7} {'variant':<18} {'loss':>8} {'time ms':>9} {'- matmuls':>9} {'peak MB':>8} "
+        f"{'t/liger':>7} {'t/fused_kl':>10} {'mem/liger':>9} {'mem/dense':>9}"
+    )
     print(header)
     print("-" * len(header))
 
@@ -235,7 +278,10 @@ def print_table(results, args):
         def best(names, of):
             return min((of[n] for n in names if of.get(n) is not None), default=None)
 
-        liger_t, liger_m = best(("liger", "liger_compiled"), time_of), best(("liger", "liger_compiled"), mem_of)
+        liger_t, liger_m = (
+            best(("liger", "liger_compiled"), time_of),
+            best(("liger", "liger_compiled"), mem_of),
+        )
         fused_kl_t = best(("fused_kl", "fused_kl_compiled"), time_of)
         floor = time_of.get("matmuls")
         for r in results:
@@ -246,12 +292,16 @@ def print_table(results, args):
                 continue
             t, m = r.get("time_ms"), r.get("peak_extra_mb")
             above = f"{t - floor:.1f}" if t is not None and floor is not None else "-"
-            print(f"{vocab:>7} {r['variant']:<18} {r['loss']:>8.4f} {t:>9.1f} {above:>9} {m:>8.0f} "
-                  f"{ratio(t, liger_t):>7} {ratio(t, fused_kl_t):>10} {ratio(m, liger_m):>9} "
-                  f"{ratio(m, mem_of.get('dense')):>9}")
-    print("- matmuls: time above the matmuls-only floor (the loss's own work); t/liger, mem/liger: against the "
-          f"best Liger variant (eager or compiled); t/fused_kl: against the faster fused_kl variant; "
-          f"time: fastest of {args.rounds} round(s), each the median of {args.iters} steps.")
+            print(
+                f"{vocab:>7} {r['variant']:<18} {r['loss']:>8.4f} {t:>9.1f} {above:>9} {m:>8.0f} "
+                f"{ratio(t, liger_t):>7} {ratio(t, fused_kl_t):>10} {ratio(m, liger_m):>9} "
+                f"{ratio(m, mem_of.get('dense')):>9}"
+            )
+    print(
+        "- matmuls: time above the matmuls-only floor (the loss's own work); t/liger, mem/liger: against the "
+        f"best Liger variant (eager or compiled); t/fused_kl: against the faster fused_kl variant; "
+        f"time: fastest of {args.rounds} round(s), each the median of {args.iters} steps."
+    )
 
 
 def main(argv=None):

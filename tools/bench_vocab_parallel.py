@@ -32,7 +32,9 @@ import peak_memory
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4], help="vocab-parallel sizes P")
     p.add_argument("--vocab", type=int, default=256000)
     p.add_argument("--hidden", type=int, default=2048, help="student and teacher width")
@@ -56,23 +58,29 @@ def main(argv=None):
         results = sorted((queue.get() for _ in range(size)), key=lambda r: r["rank"])
         rows.append({"size": size, "ranks": results})
     base = max(r["peak_bytes"] for r in rows[0]["ranks"]) if rows[0]["size"] == 1 else None
-    print(f"\nV={args.vocab} H={args.hidden} tokens={args.tokens} chunk={args.chunk_size} "
-          f"device={args.device} compiled={args.compile}")
-    print(f"{'P':>3} {'peak MiB per rank (max)':>24} {'vs P=1':>8} {'x P':>6} {'step s':>8} {'loss':>10}")
+    print(
+        f"\nV={args.vocab} H={args.hidden} tokens={args.tokens} chunk={args.chunk_size} "
+        f"device={args.device} compiled={args.compile}"
+    )
+    print(
+        f"{'P':>3} {'peak MiB per rank (max)':>24} {'vs P=1':>8} {'x P':>6} {'step s':>8} {'loss':>10}"
+    )
     for row in rows:
         peak = max(r["peak_bytes"] for r in row["ranks"])
         seconds = max(r["seconds"] for r in row["ranks"])
         ratio = f"{peak / base:>8.3f}" if base else f"{'-':>8}"
         times_p = f"{peak / base * row['size']:>6.2f}" if base else f"{'-':>6}"
         loss = row["ranks"][0]["loss"]  # the same on every rank of a group
-        print(f"{row['size']:>3} {peak / 2**20:>24.0f} {ratio} {times_p} {seconds:>8.2f} {loss:>10.6f}")
+        print(
+            f"{row['size']:>3} {peak / 2**20:>24.0f} {ratio} {times_p} {seconds:>8.2f} {loss:>10.6f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)
 
 
 def _rank(rank, size, port, args, queue):
-    from tail_kd.losses import fused_tad_loss
+    from tail_kd.losses import fused_distillation_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = args.device == "cuda"
@@ -88,7 +96,9 @@ def _rank(rank, size, port, args, queue):
     hidden = torch.randn(1, args.tokens, args.hidden, generator=generator)
     teacher_hidden = torch.randn(1, args.tokens, args.hidden, generator=generator)
     labels = torch.randint(0, args.vocab, (1, args.tokens), generator=generator)
-    bounds = [int(part[0]) for part in torch.tensor_split(torch.arange(args.vocab), size)] + [args.vocab]
+    bounds = [int(part[0]) for part in torch.tensor_split(torch.arange(args.vocab), size)] + [
+        args.vocab
+    ]
     rows = bounds[rank + 1] - bounds[rank]
     hidden, teacher_hidden, labels = (x.to(device) for x in (hidden, teacher_hidden, labels))
     baseline = peak_memory.reset_peak(device)
@@ -97,15 +107,32 @@ def _rank(rank, size, port, args, queue):
     teacher_weight = _rows(bounds[rank], bounds[rank + 1], args.hidden, 2, device)
     hidden.requires_grad_()
     start = time.perf_counter()
-    out = fused_tad_loss(hidden, student_weight, teacher_hidden, teacher_weight, labels, k=args.k,
-                         beta=2.0, vocab_size=args.vocab, group=group, chunk_size=args.chunk_size,
-                         compile=args.compile)
+    out = fused_distillation_loss(
+        hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        k=args.k,
+        beta=2.0,
+        vocab_size=args.vocab,
+        group=group,
+        chunk_size=args.chunk_size,
+        compile=args.compile,
+    )
     out.loss.backward()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    queue.put({"rank": rank, "rows": rows, "peak_bytes": peak_memory.peak(device) - baseline,
-               "seconds": seconds, "loss": float(out.loss)})
+    queue.put(
+        {
+            "rank": rank,
+            "rows": rows,
+            "peak_bytes": peak_memory.peak(device) - baseline,
+            "seconds": seconds,
+            "loss": float(out.loss),
+        }
+    )
     if group is not None:
         dist.destroy_process_group()
 

@@ -30,9 +30,9 @@ from tqdm import tqdm
 from tail_kd.config import DataConfig
 from tail_kd.data.cache import TableWriter
 from tail_kd.data.sources import DataError, Source
+from tail_kd.losses import IGNORE_INDEX
 
 __all__ = [
-    "IGNORE_INDEX",
     "PLAIN_PROMPT",
     "render",
     "tokenize_example",
@@ -44,7 +44,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 PLAIN_PROMPT = "Question: {question}\nAnswer: "
 COLUMNS = ("input_ids", "labels", "attention_mask")
 QA = tuple[str, str]  # (question, answer)

@@ -49,8 +49,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tail_kd.losses import IGNORE_INDEX, kl_sum
+
 __all__ = [
-    "IGNORE_INDEX",
     "NUM_BINS",
     "TOKEN_METRICS",
     "bin_index",
@@ -59,7 +60,6 @@ __all__ = [
     "score_hidden_states",
 ]
 
-IGNORE_INDEX = -100
 NUM_BINS = 15
 
 
@@ -181,10 +181,7 @@ class TokenMetrics:
         self.full.add(log_q.exp(), hit_probs=log_q_target.exp())
         if teacher_logits is not None:
             log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
-            p = log_p.exp()
-            # p log(p / q), with 0 log 0 = 0 where the teacher's probability underflows to 0.
-            terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-            self.sums["kl"] += float(terms.sum(dim=-1).double().sum())
+            self.sums["kl"] += float(kl_sum(log_p, log_q).double().sum())
             self.sums["agree"] += float((log_p.argmax(dim=-1) == prediction).sum())
             self.sums["teacher_positions"] += targets.numel()
 

@@ -2,7 +2,8 @@
 
 Everything here materialises [B, T, V] probabilities and is differentiated by autograd. It is the
 specification the fused loss (`fused.py`) is tested against, and the loss of choice for small
-vocabularies or debugging. Notation follows METHOD.md, for one position t:
+vocabularies or debugging (`dense_distillation_loss`, the trainer's `--reference-loss`). Notation
+follows docs/METHOD.md, for one position t:
 
     p, q     teacher and student next-token distributions (softmax of the logits)
     T_K      the teacher's top-K tokens: every token whose teacher logit is >= the K-th largest
@@ -28,9 +29,30 @@ contributes no tail term.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["teacher_top_k_mask", "tail_weight", "tad_divergence", "forward_kl", "reverse_kl"]
+from .terms import IGNORE_INDEX, DistillationLossOutput, LossTerms
+
+__all__ = [
+    "kl_sum",
+    "teacher_top_k_mask",
+    "tail_weight",
+    "tad_divergence",
+    "forward_kl",
+    "reverse_kl",
+    "dense_distillation_loss",
+]
+
+
+def kl_sum(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """sum_j p_j (log p_j - log q_j) over the last dimension, with 0 log 0 = 0.
+
+    The one place KL is written: the dense functions here, the fused passes (on a vocabulary
+    slice it is that slice's partial sum) and the evaluation metrics call it.
+    """
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
 
 
 def validate_tad_args(k: int | None, beta: float) -> None:
@@ -74,7 +96,9 @@ def _check_shapes(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) 
             f"{tuple(teacher_logits.shape)} must have the same [B, T, V] shape"
         )
     if mask.shape != student_logits.shape[:-1]:
-        raise ValueError(f"mask {tuple(mask.shape)} must be [B, T] = {tuple(student_logits.shape[:-1])}")
+        raise ValueError(
+            f"mask {tuple(mask.shape)} must be [B, T] = {tuple(student_logits.shape[:-1])}"
+        )
 
 
 def tad_divergence(
@@ -126,7 +150,7 @@ def _kl(p_logits: Tensor, q_logits: Tensor, mask: Tensor) -> Tensor:
     dtype = _compute_dtype(p_logits)
     log_p = p_logits.to(dtype).log_softmax(-1)
     log_q = q_logits.to(dtype).log_softmax(-1)
-    return torch.where(mask, (log_p.exp() * (log_p - log_q)).sum(-1), 0.0)
+    return torch.where(mask, kl_sum(log_p, log_q), 0.0)
 
 
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
@@ -139,3 +163,54 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> 
     """Per-token KL(q || p) = sum_i q_i log(q_i / p_i) [B, T] (0 where mask is False)."""
     _check_shapes(student_logits, teacher_logits, mask)
     return _kl(student_logits, teacher_logits, mask)
+
+
+def dense_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    labels: Tensor,
+    *,
+    divergence: str = "tad",
+    k: int | None = None,
+    beta: float = 1.0,
+    normalize: bool = True,
+    ce_weight: float = 1.0,
+    vocab_size: int | None = None,
+) -> DistillationLossOutput:
+    """What `fused_distillation_loss` computes (same arguments, same output), from full logits
+    with the per-token functions above and autograd: the reference it is tested against.
+
+    Logits are made in the inputs' dtype (as the fused loss's matmuls are), everything after in
+    float32, or float64 for float64 inputs. Rows from `vocab_size` on are padding, left out.
+    """
+    dtype = _compute_dtype(student_hidden)
+    mask = labels != IGNORE_INDEX
+    s_logits = (student_hidden @ student_weight[:vocab_size].T).to(dtype)
+    t_logits = None
+    if teacher_hidden is not None:
+        t_logits = (teacher_hidden @ teacher_weight[:vocab_size].T).to(dtype)
+    ce = F.cross_entropy(
+        s_logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(labels)
+    if divergence == "tad":
+        per_token = tad_divergence(s_logits, t_logits, mask, k=k, beta=beta, normalize=normalize)
+    elif divergence == "forward_kl":
+        per_token = forward_kl(s_logits, t_logits, mask)
+    elif divergence == "reverse_kl":
+        per_token = reverse_kl(s_logits, t_logits, mask)
+    else:
+        per_token = torch.zeros_like(ce)
+    num_tokens = int(mask.sum())
+    loss = (torch.where(mask, ce_weight * ce + per_token, 0.0)).sum() / max(num_tokens, 1)
+    nan = torch.full_like(ce, float("nan"))
+    kl = nan if t_logits is None else forward_kl(s_logits, t_logits, mask)
+    alpha_t = alpha_s = nan
+    if t_logits is not None and k is not None:
+        tail = ~teacher_top_k_mask(t_logits, k)
+        alpha_t = (t_logits.softmax(-1) * tail).sum(-1)
+        alpha_s = (s_logits.softmax(-1) * tail).sum(-1)
+    per_position = LossTerms(ce, per_token, kl, alpha_t, alpha_s).stack().detach()  # [B, T, 5]
+    means = torch.where(mask.unsqueeze(-1), per_position, 0.0).sum((0, 1)) / max(num_tokens, 1)
+    return DistillationLossOutput(loss, LossTerms.unstack(means), num_tokens)

@@ -1,39 +1,31 @@
-"""The fused distillation loss: lm_head matmuls + CE + TAD in token chunks, optionally vocab-parallel.
+"""The fused distillation loss: lm_head matmuls + CE + divergence in token chunks, optionally
+vocab-parallel.
 
-`fused_tad_loss` takes final hidden states and lm_head weights instead of logits. It walks over the
-valid tokens in chunks of at most `chunk_size`, computes both models' logits for the chunk, the
-per-token loss terms and, in the same pass, the gradient of the loss with respect to the student
-logits, which it immediately turns into gradients for the student hidden states and lm_head weight.
-Peak extra memory is a few [chunk, V] float32 buffers plus one weight-sized gradient, whatever the
-number of tokens; [tokens, V] logits never exist.
+`fused_distillation_loss` takes final hidden states and lm_head weights instead of logits. It walks
+over the valid tokens in chunks of at most `chunk_size`; for each chunk it computes both models'
+logits, the per-token loss terms and, in the same pass, the gradient of the loss with respect to
+the student's logits (`divergences.py`), which it turns at once into gradients for the student's
+hidden states and lm_head weight. Peak extra memory is a few [chunk, V] float32 buffers plus one
+weight-sized gradient, whatever the number of tokens; [tokens, V] logits never exist.
 
-Per-token quantities (notation of `dense.py`; r is a probability vector "relative to its region"):
+One chunk, on this rank's vocabulary slice (`_chunk`):
 
-    on T_K:      r_i = p_i,  r^s_i = q_i
-    on the tail: r_i = p~_i = p_i / alpha_T,  r^s_i = q~_i = q_i / alpha_S
+    s = h_S W_S^T, t = h_T W_T^T                 the logits [c, V_r], in the weights' dtype
+    thr = K-th largest t over the vocabulary     T_K = {j : t_j >= thr}            (one top-K)
+    log Z_T, log Z_S, log Z_T,tail, log Z_S,tail over the vocabulary             (`Normalisers`)
+    CE = log Z_S - s_y
+    divergence, KL(p || q), dL/ds                                                  (`Divergence`)
+    grad h_S += dL/ds W_S,   grad W_S += dL/ds^T h_S
 
-    D1 = sum_{T_K} r_i log(r_i / r^s_i) + alpha_T log(alpha_T / alpha_S)
-    D2 = sum_{tail} r_i log(r_i / r^s_i)
-    L_DIV = D1 + omega * D2,   omega = beta * alpha_T [/ mean_seq alpha_T]    (omega = alpha_T: KL)
-
-so one elementwise pass r * (log r - log r^s), split by region, gives D1 and D2 together.
-Gradient of ce_weight * CE + L_DIV with respect to a student logit z_j (METHOD.md, with
-w = omega / alpha_T; lambda = 1 for a divergence, 0 for CE only):
-
-    j in T_K:   (lambda + ce_weight) q_j - lambda p_j                         - ce_weight [j = y]
-    j in tail:  ((lambda + ce_weight) alpha_S - lambda alpha_T + omega) q~_j - omega p~_j - ce_weight [j = y]
-
-Reverse KL, KL(q || p), has gradient q_j (log q_j - log p_j - KL(q || p)).
-
-Sequence-level normalisation needs mean alpha_T over each sequence before any gradient of that
+TAD's sequence normalisation needs mean alpha_T over each sequence before any gradient of that
 sequence can be formed. Chunks therefore hold whole sequences; only a sequence with more than
 `chunk_size` valid tokens is split, and for it a teacher-only pre-pass computes the mean first
 (one extra teacher lm_head matmul for those tokens).
 
 Vocab-parallel mode (`group`): every rank passes the same hidden states and labels and its own
-contiguous row shard of both weights; the per-token reductions above cross the group through
-`VocabShards`, the hidden-state gradient is all-reduced, and each rank keeps its rows' weight
-gradient.
+contiguous row shard of both weights; the per-token numbers above cross the group through
+`VocabShards` (a few numbers per token, as in Megatron-LM's vocab-parallel cross-entropy), the
+hidden-state gradient is all-reduced, and each rank keeps its rows' weight gradient.
 """
 
 from __future__ import annotations
@@ -45,77 +37,78 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .dense import validate_tad_args
 from . import kernels
+from .chunk import Chunk, ChunkSequences, Normalisers, Targets
+from .dense import validate_tad_args
+from .divergences import DIVERGENCES, Divergence, make_divergence
+from .terms import IGNORE_INDEX, LOSS_TERMS, DistillationLossOutput, LossTerms
 from .vocab_parallel import VocabShards
 
-__all__ = ["fused_tad_loss", "TADLossOutput", "DIVERGENCES", "IGNORE_INDEX"]
-
-DIVERGENCES = ("tad", "forward_kl", "reverse_kl", "none")
-IGNORE_INDEX = -100
-_STATS = ("ce", "divergence", "kl_to_teacher", "teacher_tail_mass", "student_tail_mass")
-
-
-@dataclass
-class TADLossOutput:
-    """The loss and its parts, each a mean over the valid tokens of the batch.
-
-    `loss` is differentiable; the rest are detached. Tail masses are NaN when no top-K was taken
-    (`divergence="forward_kl"`/`"reverse_kl"`/`"none"` without `k`); teacher terms are NaN when no
-    teacher was used.
-    """
-
-    loss: Tensor
-    ce: Tensor
-    divergence: Tensor
-    kl_to_teacher: Tensor
-    teacher_tail_mass: Tensor
-    student_tail_mass: Tensor
-    num_tokens: int
-
-    @property
-    def student_topk_mass(self) -> Tensor:
-        """Q: the student's probability mass on the teacher's top-K tokens."""
-        return 1.0 - self.student_tail_mass
+__all__ = ["fused_distillation_loss", "LossSpec"]
 
 
 @dataclass(frozen=True)
-class _Spec:
-    divergence: str
-    k: int | None
-    beta: float
-    normalize: bool
+class LossSpec:
+    """The settings of one loss: which divergence, the teacher's top-K, the CE weight, chunking."""
+
+    divergence: Divergence
+    top_k: int | None  # required by TAD; for the others it only adds the tail-mass diagnostics
     ce_weight: float
     chunk_size: int
     compile: bool
 
     @property
     def uses_teacher(self) -> bool:
-        return self.divergence != "none" or self.k is not None
+        return self.divergence.needs_teacher or self.top_k is not None
 
-    @property
-    def whole_sequences(self) -> bool:
-        return self.divergence == "tad" and self.normalize
+    @classmethod
+    def create(
+        cls,
+        divergence: str,
+        *,
+        k: int | None,
+        beta: float,
+        normalize: bool,
+        ce_weight: float,
+        chunk_size: int,
+        compile: bool,
+    ) -> LossSpec:
+        """Check the settings (a ValueError names the argument) and bind them."""
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        if divergence == "tad" or k is not None:
+            validate_tad_args(k, beta)
+        if ce_weight < 0:
+            raise ValueError(f"ce_weight must be >= 0, got {ce_weight!r}")
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
+        return cls(
+            divergence=make_divergence(divergence, beta=beta, normalize=normalize),
+            top_k=k,
+            ce_weight=float(ce_weight),
+            chunk_size=int(chunk_size),
+            compile=bool(compile),
+        )
 
 
-def fused_tad_loss(
+def fused_distillation_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
     teacher_hidden: Tensor | None,
     teacher_weight: Tensor | None,
     labels: Tensor,
     *,
-    k: int | None,
+    divergence: str = "tad",
+    k: int | None = None,
     beta: float = 1.0,
     normalize: bool = True,
     ce_weight: float = 1.0,
-    divergence: str = "tad",
     vocab_size: int | None = None,
     group: dist.ProcessGroup | None = None,
     chunk_size: int = 1024,
     compile: bool = False,
-) -> TADLossOutput:
-    """Mean over valid tokens of ce_weight * CE + L_DIV, from hidden states and lm_head weights.
+) -> DistillationLossOutput:
+    """Mean over valid tokens of ce_weight * CE + divergence, from hidden states and lm_head weights.
 
     Args:
         student_hidden: [B, T, Hs] final student hidden states (any float dtype; math in float32).
@@ -123,38 +116,43 @@ def fused_tad_loss(
         teacher_hidden: [B, T, Ht] final teacher hidden states (None only for CE without `k`).
         teacher_weight: [V_r, Ht] teacher lm_head rows, the same token range as `student_weight`.
         labels: [B, T] next-token targets aligned with positions; -100 = no loss at that position.
+        divergence: "tad", "forward_kl" (vanilla KD), "reverse_kl" or "none" (CE only).
         k: the teacher's top-K (required for "tad"; for the other divergences it only enables the
             tail-mass diagnostics, at the cost of a top-K per token).
         beta: the tail weight of TAD. normalize: divide it by the sequence's mean teacher tail mass.
         ce_weight: weight of the student's cross-entropy on `labels`.
-        divergence: "tad", "forward_kl" (vanilla KD), "reverse_kl" or "none" (CE only).
         vocab_size: rows with global index >= vocab_size are padding, excluded from both softmaxes.
         group: vocab-parallel process group (each rank passes its contiguous row shard, rank order).
         chunk_size: tokens per chunk; peak extra memory is a few chunk_size x V_r float32 buffers.
-        compile: torch.compile each chunk's work (the elementwise passes of `kernels.py` and the
-            per-token arithmetic around them): fewer passes over memory, no float32 intermediates,
-            fewer kernel launches; the first call of each configuration pays the compilation.
+        compile: torch.compile each chunk's work (both matmuls, the top-K, the elementwise passes
+            and the per-token arithmetic between them) as one graph: fewer passes over memory, no
+            float32 intermediates, fewer kernel launches; the first call of each configuration
+            pays the compilation.
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if divergence == "tad" or k is not None:
-        validate_tad_args(k, beta)
-    if ce_weight < 0:
-        raise ValueError(f"ce_weight must be >= 0, got {ce_weight!r}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
-    spec = _Spec(divergence, k, float(beta), normalize, float(ce_weight), int(chunk_size), bool(compile))
-    _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec)
+    spec = LossSpec.create(
+        divergence,
+        k=k,
+        beta=beta,
+        normalize=normalize,
+        ce_weight=ce_weight,
+        chunk_size=chunk_size,
+        compile=compile,
+    )
+    _check_shapes(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec)
+    shards = VocabShards(student_weight.shape[0], vocab_size, group)
+    if spec.uses_teacher:
+        shards.check_same_rows(teacher_weight.shape[0], vocab_size, "teacher_weight")
+    tokens = ValidTokens.from_labels(labels, shards)
     if not torch.is_grad_enabled():  # evaluation: no in-pass gradients either
         student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
-    info: dict = {}  # filled by forward with host-side facts (no extra device sync)
-    loss, stats = _FusedDistillationLoss.apply(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec, vocab_size, group, info
+    call = _Call(spec, shards, tokens)
+    loss, means = _FusedDistillationLoss.apply(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, call
     )
-    return TADLossOutput(loss, *stats.unbind(), num_tokens=info["num_tokens"])
+    return DistillationLossOutput(loss, LossTerms.unstack(means), tokens.count)
 
 
-def _check_inputs(s_hidden, s_weight, t_hidden, t_weight, labels, spec: _Spec) -> None:
+def _check_shapes(s_hidden, s_weight, t_hidden, t_weight, labels, spec: LossSpec) -> None:
     if s_hidden.dim() != 3 or labels.shape != s_hidden.shape[:2]:
         raise ValueError(
             f"student_hidden must be [B, T, H] and labels [B, T]; got {tuple(s_hidden.shape)} "
@@ -167,7 +165,9 @@ def _check_inputs(s_hidden, s_weight, t_hidden, t_weight, labels, spec: _Spec) -
     if not spec.uses_teacher:
         return
     if t_hidden is None or t_weight is None:
-        raise ValueError(f"divergence={spec.divergence!r} needs teacher_hidden and teacher_weight")
+        raise ValueError(
+            f"divergence={spec.divergence.name!r} needs teacher_hidden and teacher_weight"
+        )
     if t_hidden.shape[:2] != s_hidden.shape[:2]:
         raise ValueError(
             f"teacher_hidden {tuple(t_hidden.shape)} and student_hidden {tuple(s_hidden.shape)} "
@@ -179,123 +179,251 @@ def _check_inputs(s_hidden, s_weight, t_hidden, t_weight, labels, spec: _Spec) -
         )
 
 
-class _FusedDistillationLoss(torch.autograd.Function):
-    """Forward computes the loss and all gradients; backward only scales them."""
+@dataclass(frozen=True)
+class ValidTokens:
+    """The batch's valid positions (label != -100), flattened, with their targets and sequences."""
 
-    @staticmethod
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, labels, spec: _Spec, vocab_size, group, info):
-        shards = VocabShards(s_weight.shape[0], vocab_size, group)
-        if spec.uses_teacher:
-            t_shards = VocabShards(t_weight.shape[0], vocab_size, group)
-            if (t_shards.offset, t_shards.kept) != (shards.offset, shards.kept):
-                raise ValueError(
-                    "teacher_weight and student_weight must hold the same token rows on each rank: "
-                    f"student rows [{shards.offset}, {shards.offset + shards.kept}), teacher rows "
-                    f"[{t_shards.offset}, {t_shards.offset + t_shards.kept}); pass vocab_size to "
-                    "drop padding rows"
-                )
-        batch, seq_len, _ = s_hidden.shape
-        flat_labels = labels.reshape(-1)
-        valid = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
-        targets = flat_labels.index_select(0, valid)
-        info["num_tokens"] = valid.numel()
+    positions: Tensor  # flat index b * T + t of each valid position [n]
+    targets: Tensor  # its label [n]
+    sequence_ids: Tensor  # its sequence b [n]
+    batch_size: int
+
+    @property
+    def count(self) -> int:
+        return self.positions.numel()
+
+    @classmethod
+    def from_labels(cls, labels: Tensor, shards: VocabShards) -> ValidTokens:
+        """ValueError if a label lies outside the vocabulary (and is not -100)."""
+        batch, seq_len = labels.shape
+        flat = labels.reshape(-1)
+        positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+        targets = flat.index_select(0, positions)
         if ((targets < 0) | (targets >= shards.vocab_size)).any():
             raise ValueError(
                 f"labels must lie in [0, {shards.vocab_size}) or be {IGNORE_INDEX}; got values in "
                 f"[{int(targets.min())}, {int(targets.max())}]"
             )
+        return cls(positions, targets, positions // seq_len, batch)
+
+    def per_sequence(self) -> Tensor:
+        """Valid tokens per sequence [B]."""
+        return torch.bincount(self.sequence_ids, minlength=self.batch_size)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one call of the loss knows besides the differentiable inputs."""
+
+    spec: LossSpec
+    shards: VocabShards
+    tokens: ValidTokens
+
+
+class _Rows:
+    """One model's final hidden states [B, T, H], rows gathered by flat position on demand in the
+    matmul dtype, and its lm_head rows that are real tokens."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, shards: VocabShards):
+        self.flat = hidden.reshape(-1, hidden.shape[-1])
+        self.weight = weight[: shards.kept]
+
+    def __getitem__(self, positions: Tensor) -> Tensor:
+        return self.flat.index_select(0, positions).to(self.weight.dtype)
+
+
+@dataclass(frozen=True)
+class _ChunkInputs:
+    """What `_chunk` reads of one chunk of c valid tokens."""
+
+    student_hidden: Tensor  # [c, Hs]
+    student_weight: Tensor  # [V_kept, Hs]
+    teacher_hidden: Tensor | None  # [c, Ht]
+    teacher_weight: Tensor | None  # [V_kept, Ht]
+    targets: Tensor  # global token ids [c]
+    sequences: ChunkSequences | None
+
+
+class _FusedDistillationLoss(torch.autograd.Function):
+    """Forward computes the loss and all gradients; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, call: _Call):
+        spec, shards, tokens = call.spec, call.shards, call.tokens
         # The matmuls run in the weights' dtype (bf16 on GPU); everything after them in float32
         # (float64 for float64 weights, which the tests use). Hidden rows are gathered chunk by
         # chunk, and the hidden-state gradient goes straight into its full-size result, so no
         # [tokens, H] copy exists beside the caller's tensors.
-        s_rows = _Rows(s_hidden, s_weight.dtype)
-        s_w = s_weight[: shards.kept]
-        t_rows = t_w = None
-        if spec.uses_teacher:
-            t_rows = _Rows(t_hidden, t_weight.dtype)
-            t_w = t_weight[: shards.kept]
-        seq_ids = valid // seq_len
-        scale = 1.0 / max(valid.numel(), 1)
-
+        student = _Rows(s_hidden, s_weight, shards)
+        teacher = _Rows(t_hidden, t_weight, shards) if spec.uses_teacher else None
+        scale = 1.0 / max(tokens.count, 1)
         want_grad_h, want_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(s_rows.flat) if want_grad_h else None
+        grad_h = torch.zeros_like(student.flat) if want_grad_h else None
         grad_w = torch.zeros_like(s_weight) if want_grad_w else None
-        sums = torch.zeros(len(_STATS), dtype=_math_dtype(s_weight), device=s_hidden.device)
+        sums = torch.zeros(len(LOSS_TERMS), dtype=_math_dtype(s_weight), device=s_hidden.device)
 
-        chunk_terms = _compiled(_chunk) if spec.compile else _chunk
-        # Valid tokens per sequence, counted once: the chunk loop then never waits for the device
-        seq_tokens = torch.bincount(seq_ids, minlength=batch) if spec.whole_sequences else None
-        chunks, long_seqs = _plan_chunks(seq_tokens, valid.numel(), spec)
-        seq_mean_alpha = sums.new_full((batch,), float("nan"))
+        chunk_fn = _compiled(_chunk) if spec.compile else _chunk
+        sequences = None
+        if spec.divergence.sequence_normalised:
+            sequences = _SequenceState.create(tokens, sums.dtype)
+        chunks, long_seqs = _plan_chunks(sequences, tokens.count, spec.chunk_size)
         if long_seqs:
-            _teacher_prepass(t_rows, t_w, valid, seq_ids, seq_tokens, long_seqs, seq_mean_alpha, spec, shards)
+            sequences.run_teacher_prepass(teacher, tokens, long_seqs, spec, shards)
 
         for start, end in chunks:
-            rows = valid[start:end]
-            s_h = s_rows[rows]
-            terms, grad_logits = chunk_terms(
-                s_h, s_w, None if t_rows is None else t_rows[rows], t_w,
-                targets[start:end], seq_ids[start:end], seq_tokens, seq_mean_alpha, spec, shards,
-                want_grad=want_grad_h or want_grad_w,
+            rows = tokens.positions[start:end]
+            s_h = student[rows]
+            inputs = _ChunkInputs(
+                student_hidden=s_h,
+                student_weight=student.weight,
+                teacher_hidden=None if teacher is None else teacher[rows],
+                teacher_weight=None if teacher is None else teacher.weight,
+                targets=tokens.targets[start:end],
+                sequences=None if sequences is None else sequences.chunk(start, end),
             )
-            sums[: terms.shape[1]] += terms.sum(0)
+            chunk_sums, grad_logits = chunk_fn(inputs, spec, shards, want_grad_h or want_grad_w)
+            sums += chunk_sums
             if grad_logits is None:
                 continue
             if want_grad_h:
-                grad_h.index_copy_(0, rows, shards.sum_(grad_logits @ s_w).mul_(scale).to(grad_h.dtype))
+                grad_h_rows = shards.sum_(grad_logits @ student.weight).mul_(scale)
+                grad_h.index_copy_(0, rows, grad_h_rows.to(grad_h.dtype))
             if want_grad_w:
                 grad_w[: shards.kept].addmm_(grad_logits.T, s_h)
 
-        stats = sums * scale
-        if not spec.uses_teacher:
-            stats[1:] = float("nan")
-        elif spec.k is None:
-            stats[3:] = float("nan")
-        if spec.divergence == "none":
-            stats[1] = 0.0
-        loss = stats[0] * spec.ce_weight + stats[1]
+        terms = _mark_not_computed(LossTerms.unstack(sums * scale), spec)
+        loss = terms.ce * spec.ce_weight + terms.divergence
+        means = terms.stack()
         if want_grad_h:
             ctx.grad_h = grad_h.view_as(s_hidden)
         if want_grad_w:
             ctx.grad_w = grad_w.mul_(scale)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
+        ctx.mark_non_differentiable(means)
+        return loss, means
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
+    def backward(ctx, grad_loss, _grad_means):
         # In place: the gradients were made for this call alone (no double backward).
         grad_h = getattr(ctx, "grad_h", None)
         grad_w = getattr(ctx, "grad_w", None)
         for grad in (grad_h, grad_w):
             if grad is not None:
                 grad.mul_(grad_loss.to(grad.dtype))
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None
 
 
-class _Rows:
-    """Rows of hidden states [B, T, H] by flat position, in the matmul dtype, gathered on demand."""
+def _mark_not_computed(terms: LossTerms, spec: LossSpec) -> LossTerms:
+    """NaN for the terms this loss does not compute: the teacher's without a teacher, the tail
+    masses without a top-K."""
+    if not spec.uses_teacher:
+        return terms.without("kl_to_teacher", "teacher_tail_mass", "student_tail_mass")
+    if spec.top_k is None:
+        return terms.without("teacher_tail_mass", "student_tail_mass")
+    return terms
 
-    def __init__(self, hidden: Tensor, dtype: torch.dtype):
-        self.flat = hidden.reshape(-1, hidden.shape[-1])
-        self.dtype = dtype
 
-    def __getitem__(self, positions: Tensor) -> Tensor:
-        return self.flat.index_select(0, positions).to(self.dtype)
+def _chunk(inputs: _ChunkInputs, spec: LossSpec, shards: VocabShards, want_grad: bool):
+    """The summed loss terms of one chunk (`LossTerms.stack` order) and the gradient w.r.t. its
+    student logits on this slice [c, V_r] (None without `want_grad`)."""
+    dtype = _math_dtype(inputs.student_weight)
+    s = (
+        inputs.student_hidden @ inputs.student_weight.T
+    )  # raw logits; the passes upcast as they read
+    targets = Targets.on_slice(inputs.targets, shards, spec.ce_weight)
+    label_logit = shards.sum_(kernels.pick(s, targets).to(dtype))
+    t = threshold = None
+    if spec.uses_teacher:
+        t = inputs.teacher_hidden @ inputs.teacher_weight.T
+        threshold = _kth_largest(t, spec.top_k, shards, dtype)
+        local = kernels.normalisers(t, s, threshold, dtype)
+        norm = Normalisers.from_logsumexps(*shards.logsumexp(local).unbind(1))
+    else:
+        log_z = shards.logsumexp(kernels.logsumexp(s, dtype).unsqueeze(1)).squeeze(1)
+        norm = Normalisers(student=log_z)
+    chunk = Chunk(s, t, threshold, norm, targets, inputs.sequences, shards, dtype)
+    divergence = spec.divergence.terms(chunk, want_grad)
+    ce = norm.student - label_logit
+    zeros = torch.zeros_like(ce)
+    terms = LossTerms(
+        ce=ce,
+        divergence=divergence.value,
+        kl_to_teacher=zeros if divergence.kl_to_teacher is None else divergence.kl_to_teacher,
+        teacher_tail_mass=zeros if t is None else norm.alpha_t,
+        student_tail_mass=zeros if t is None else norm.alpha_s,
+    )
+    return terms.stack().sum(0), divergence.logit_grad
 
 
-def _plan_chunks(seq_tokens: Tensor | None, n: int, spec: _Spec) -> tuple[list[tuple[int, int]], list[int]]:
+def _kth_largest(teacher: Tensor, k: int | None, shards: VocabShards, dtype) -> Tensor | None:
+    """The teacher's K-th largest logit over the vocabulary per token [c] (None without k)."""
+    return None if k is None else shards.kth_largest(teacher, k).to(dtype)
+
+
+class _SequenceState:
+    """Per-sequence state of one call, for TAD's sequence normalisation (`ChunkSequences`)."""
+
+    def __init__(self, ids: Tensor, tokens: Tensor, prepass_mean: Tensor):
+        self.ids = ids  # [n]
+        self.tokens = tokens  # valid tokens per sequence [B]
+        self.prepass_mean = prepass_mean  # [B], NaN until the pre-pass fills a long sequence's
+
+    @classmethod
+    def create(cls, tokens: ValidTokens, dtype: torch.dtype) -> _SequenceState:
+        # Counted once per call, so that the chunk loop never waits for the device.
+        per_sequence = tokens.per_sequence()
+        nan = torch.full(
+            (tokens.batch_size,), float("nan"), dtype=dtype, device=per_sequence.device
+        )
+        return cls(tokens.sequence_ids, per_sequence, nan)
+
+    def chunk(self, start: int, end: int) -> ChunkSequences:
+        return ChunkSequences(self.ids[start:end], self.tokens, self.prepass_mean)
+
+    def run_teacher_prepass(
+        self,
+        teacher: _Rows,
+        tokens: ValidTokens,
+        long_seqs: list[int],
+        spec: LossSpec,
+        shards: VocabShards,
+    ) -> None:
+        """Fill `prepass_mean` for the sequences too long for one chunk: mean alpha_T over each,
+        from the teacher alone."""
+        long_ids = torch.tensor(long_seqs, device=self.ids.device)
+        index = torch.isin(self.ids, long_ids).nonzero().squeeze(1)
+        sums = torch.zeros_like(self.prepass_mean)
+        tail_mass = _compiled(_teacher_tail_mass) if spec.compile else _teacher_tail_mass
+        for start in range(0, index.numel(), spec.chunk_size):
+            rows = index[start : start + spec.chunk_size]
+            hidden = teacher[tokens.positions[rows]]
+            sums.index_add_(
+                0, self.ids[rows], tail_mass(hidden, teacher.weight, spec.top_k, shards)
+            )
+        self.prepass_mean[long_ids] = sums[long_ids] / self.tokens[long_ids]
+
+
+def _teacher_tail_mass(hidden: Tensor, weight: Tensor, k: int, shards: VocabShards) -> Tensor:
+    """alpha_T per token [c], from the teacher alone."""
+    dtype = _math_dtype(weight)
+    t = hidden @ weight.T
+    threshold = _kth_largest(t, k, shards, dtype)
+    local = kernels.normalisers(t, t, threshold, dtype)
+    return Normalisers.from_logsumexps(*shards.logsumexp(local).unbind(1)).alpha_t
+
+
+def _plan_chunks(
+    sequences: _SequenceState | None, n: int, size: int
+) -> tuple[list[tuple[int, int]], list[int]]:
     """Token ranges [start, end) over the n valid tokens, and the sequences needing a pre-pass.
 
-    Without sequence-level normalisation (seq_tokens None), plain ranges of chunk_size tokens.
-    With it, each chunk holds whole sequences (seq_tokens: valid tokens per sequence); a sequence
-    longer than chunk_size is split and listed as long.
+    Without sequence normalisation, plain ranges of `size` tokens. With it, each chunk holds whole
+    sequences; a sequence longer than `size` is split and listed as long.
     """
-    size = spec.chunk_size
-    if seq_tokens is None:
+    if sequences is None:
         return [(s, min(s + size, n)) for s in range(0, n, size)], []
     chunks, long_seqs = [], []
     pos = chunk_start = 0
-    for seq, count in enumerate(seq_tokens.tolist()):
+    for seq, count in enumerate(sequences.tokens.tolist()):
         if count > size:
             if pos > chunk_start:
                 chunks.append((chunk_start, pos))
@@ -323,98 +451,3 @@ def _compiled(fn):
 def _math_dtype(weight: Tensor) -> torch.dtype:
     """float32, or float64 for float64 weights (the tests' exact comparisons)."""
     return torch.promote_types(weight.dtype, torch.float32)
-
-
-def _kth_largest(t: Tensor, k: int | None, shards: VocabShards, dtype: torch.dtype) -> Tensor:
-    """The teacher's K-th largest logit per token [c]; +inf ("T_K is empty") when k is None."""
-    if k is None:
-        return torch.full(t.shape[:1], float("inf"), dtype=dtype, device=t.device)
-    return shards.kth_largest(t, k).to(dtype)
-
-
-def _teacher_prepass(t_rows, t_w, valid, seq_ids, seq_tokens, long_seqs, seq_mean_alpha, spec: _Spec, shards):
-    """Fill seq_mean_alpha[s] = mean teacher tail mass over long sequence s (teacher only)."""
-    dtype = seq_mean_alpha.dtype
-    long_ids = torch.tensor(long_seqs, device=seq_ids.device)
-    index = torch.isin(seq_ids, long_ids).nonzero().squeeze(1)
-    sums = torch.zeros_like(seq_mean_alpha)
-    tail_mass = _compiled(_teacher_tail_mass) if spec.compile else _teacher_tail_mass
-    for start in range(0, index.numel(), spec.chunk_size):
-        rows = index[start : start + spec.chunk_size]
-        sums.index_add_(0, seq_ids[rows], tail_mass(t_rows[valid[rows]], t_w, spec.k, shards, dtype))
-    seq_mean_alpha[long_ids] = sums[long_ids] / seq_tokens[long_ids]
-
-
-def _teacher_tail_mass(t_h, t_w, k: int, shards: VocabShards, dtype: torch.dtype) -> Tensor:
-    """alpha_T = exp(log Z_T,tail - log Z_T) per token [c], from the teacher alone."""
-    t = t_h @ t_w.T
-    norm = shards.logsumexp(kernels.normalisers(t, t, _kth_largest(t, k, shards, dtype), dtype, True))
-    return (norm[:, 2] - norm[:, 0]).exp()
-
-
-def _sequence_mean_alpha(alpha_t, seq_ids, seq_tokens, seq_mean_alpha) -> Tensor:
-    """Per-token mean teacher tail mass of its sequence: from the pre-pass, else from this chunk,
-    which then holds all of the sequence's seq_tokens valid tokens."""
-    sums = torch.zeros_like(seq_mean_alpha).index_add_(0, seq_ids, alpha_t)
-    in_chunk = sums / seq_tokens.clamp_min(1)
-    return torch.where(seq_mean_alpha.isnan(), in_chunk, seq_mean_alpha)[seq_ids]
-
-
-def _chunk(s_h, s_w, t_h, t_w, targets, seq_ids, seq_tokens, seq_mean_alpha, spec: _Spec, shards, want_grad):
-    """Loss terms [c, len(_STATS)] and gradient w.r.t. the local student logits [c, V_r] (or None)."""
-    dtype = _math_dtype(s_w)
-    s = s_h @ s_w.T  # raw logits in the weights' dtype; the kernels upcast as they read
-    local_y, owned = shards.local_labels(targets)
-    label_logit = shards.sum_(_pick(s, local_y, owned).to(dtype))
-    ce_owned = spec.ce_weight * owned.to(dtype)  # the one-hot part of the CE gradient, where owned
-    grad_args = (local_y, ce_owned, dtype, s_w.dtype)
-
-    if not spec.uses_teacher:  # CE only: gradient ce_weight * (q - onehot(y))
-        s_lse = shards.logsumexp(kernels.logsumexp(s, dtype).unsqueeze(1)).squeeze(1)
-        grad = kernels.softmax_grad(s, s_lse, spec.ce_weight, *grad_args) if want_grad else None
-        return (s_lse - label_logit).unsqueeze(1), grad
-
-    t = t_h @ t_w.T
-    thr = _kth_largest(t, spec.k, shards, dtype)
-    # (log Z_T, log Z_S, log Z_T,tail, log Z_S,tail), combined over the vocabulary shards
-    norm = shards.logsumexp(kernels.normalisers(t, s, thr, dtype, spec.k is not None))
-    ce = norm[:, 1] - label_logit
-    log_alpha_t, log_alpha_s = norm[:, 2] - norm[:, 0], norm[:, 3] - norm[:, 1]
-    alpha_t, alpha_s = log_alpha_t.exp(), log_alpha_s.exp()
-    has_tail = torch.isfinite(norm[:, 2]) & torch.isfinite(norm[:, 3])
-    # No tail token (K >= V, or ties): normalise the empty tail by log Z instead of -inf, which
-    # only keeps the arithmetic finite; alpha = 0 there zeroes every tail term.
-    norm[:, 2:] = torch.where(has_tail.unsqueeze(1), norm[:, 2:], norm[:, :2])
-
-    if spec.divergence == "reverse_kl":
-        rkl, fkl = shards.sum_(torch.stack(kernels.reverse_kl_terms(t, s, norm, dtype), 1)).unbind(1)
-        terms = torch.stack([ce, rkl, fkl, alpha_t, alpha_s], dim=1)
-        grad = kernels.reverse_kl_grad(t, s, norm, rkl, spec.ce_weight, *grad_args) if want_grad else None
-        return terms, grad
-
-    if spec.divergence == "tad":
-        omega = spec.beta * alpha_t
-        if spec.normalize:
-            mean = _sequence_mean_alpha(alpha_t, seq_ids, seq_tokens, seq_mean_alpha)
-            omega = omega / mean.clamp_min(torch.finfo(mean.dtype).tiny)
-    elif spec.divergence == "forward_kl":
-        omega = alpha_t
-    else:  # "none": the teacher only feeds the diagnostics
-        omega = torch.zeros_like(alpha_t)
-    kd = 0.0 if spec.divergence == "none" else 1.0
-    a_top = torch.full_like(omega, kd + spec.ce_weight)
-    coef = torch.stack([a_top, torch.full_like(omega, kd), a_top * alpha_s - kd * alpha_t + omega, omega], 1)
-    top_sum, tail_sum, grad = kernels.tad_terms(t, s, thr, norm, coef, *grad_args, want_grad)
-    top_sum, d2 = shards.sum_(torch.stack([top_sum, tail_sum], 1)).unbind(1)
-
-    bucket = torch.where(has_tail, alpha_t * (log_alpha_t - log_alpha_s), 0.0)
-    d1 = top_sum + bucket  # without a top-K everything is "tail": alpha = 1, D1 = 0, D2 = KL
-    terms = torch.stack([ce, d1 + omega * d2, d1 + alpha_t * d2, alpha_t, alpha_s], dim=1)
-    return terms, grad
-
-
-def _pick(logits: Tensor, local_y: Tensor, owned: Tensor) -> Tensor:
-    """logits[i, y_i] where this rank owns y_i, else 0 [c] (a shard of padding rows owns none)."""
-    if logits.shape[1] == 0:
-        return logits.new_zeros(logits.shape[0])
-    return logits.gather(1, local_y.unsqueeze(1)).squeeze(1) * owned

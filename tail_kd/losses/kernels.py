@@ -1,16 +1,15 @@
-"""Elementwise passes over one chunk of logits [c, V_r]: pure functions.
+"""Elementwise passes over one chunk of logits [c, V_r]: pure functions of a `Chunk`.
 
-Each function reads the raw logits of a chunk (any float dtype; math in float32 or float64) and
-returns per-token partial results for this rank's vocabulary slice. Cross-rank combination happens
-between them, in `fused.py`, which is why they are split where they are. With `compile=True`,
-`fused.py` compiles them together with the rest of a chunk's arithmetic: each becomes one or two
-fused loops over the chunk, and the float32 intermediates never exist in memory.
+Each pass reads a chunk's raw logits (any float dtype; the math runs in `chunk.dtype`) and returns
+per-token partial results for this rank's vocabulary slice; cross-rank combination happens between
+passes, in `fused.py` and `divergences.py`, which is why they are split where they are. With
+`compile=True` the whole chunk is one torch.compile graph: each pass becomes one or two fused loops
+over the chunk, and the float32 intermediates never exist in memory.
 
-Notation of `fused.py`: T_K = {j : t_j >= thr} (thr = the teacher's K-th largest logit, +inf for
-"no top-K"), log Z = logsumexp over V, log Z_tail = logsumexp over the tail, and
+Notation (docs/METHOD.md, `chunk.Normalisers`): for a token j of the slice,
 
-    log r_j   = t_j - (log Z_T if j in T_K else log Z_T,tail)      (log p_j on T_K, log p~_j on the tail)
-    log r^s_j = s_j - (log Z_S if j in T_K else log Z_S,tail)
+    log r_j   = t_j - (log Z_T if j in T_K else log Z_T,tail)     log p_j on T_K, log p~_j on the tail
+    log r^s_j = s_j - (log Z_S if j in T_K else log Z_S,tail)     log q_j on T_K, log q~_j on the tail
 """
 
 from __future__ import annotations
@@ -18,7 +17,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["normalisers", "tad_terms", "reverse_kl_terms", "reverse_kl_grad", "softmax_grad", "logsumexp"]
+from .chunk import Chunk, RegionCoefficients, Targets
+from .dense import kl_sum
+
+__all__ = [
+    "logsumexp",
+    "normalisers",
+    "split_kl_pass",
+    "reverse_kl_sums",
+    "reverse_kl_grad",
+    "softmax_grad",
+    "pick",
+]
+
+
+def logsumexp(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """log Z over this slice [c]."""
+    return x.to(dtype).logsumexp(-1)
+
+
+def _region(top: Tensor | None, on_top: Tensor, on_tail: Tensor) -> Tensor:
+    """`on_top` on T_K and `on_tail` on the tail (everything is tail without a top-K)."""
+    return on_tail if top is None else torch.where(top, on_top, on_tail)
 
 
 def _region_logsumexps(x: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,73 +59,95 @@ def _region_logsumexps(x: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
     return lse.squeeze(-1), (z_tail.log() + m_tail).squeeze(-1)
 
 
-def normalisers(t: Tensor, s: Tensor, thr: Tensor, dtype: torch.dtype, with_tail: bool) -> Tensor:
-    """[c, 4] = (log Z_T, log Z_S, log Z_T,tail, log Z_S,tail) over this slice.
+def normalisers(
+    teacher: Tensor, student: Tensor, threshold: Tensor | None, dtype: torch.dtype
+) -> Tensor:
+    """This slice's (log Z_T, log Z_S, log Z_T,tail, log Z_S,tail), stacked [c, 4] for one
+    collective (`chunk.Normalisers.from_logsumexps` names the combined columns).
 
-    Without a top-K (with_tail=False) the tail is the whole vocabulary. Compiled, this reads the
+    Without a top-K (threshold None) the tail is the whole vocabulary. Compiled, this reads the
     chunk twice (maxima, then sums) and takes one exp per logit.
     """
-    if t.shape[-1] == 0:  # a vocabulary shard made only of padding rows
-        return t.new_full((t.shape[0], 4), float("-inf"), dtype=dtype)
-    t, s = t.to(dtype), s.to(dtype)
-    if not with_tail:
-        lse = [t.logsumexp(-1), s.logsumexp(-1)]
-        return torch.stack(lse * 2, 1)
-    top = t >= thr.unsqueeze(-1)
+    if teacher.shape[-1] == 0:  # a vocabulary shard made only of padding rows
+        return teacher.new_full((teacher.shape[0], 4), float("-inf"), dtype=dtype)
+    t, s = teacher.to(dtype), student.to(dtype)
+    if threshold is None:
+        t_lse, s_lse = t.logsumexp(-1), s.logsumexp(-1)
+        return torch.stack([t_lse, s_lse, t_lse, s_lse], 1)
+    top = t >= threshold.unsqueeze(-1)
     (t_lse, t_tail), (s_lse, s_tail) = _region_logsumexps(t, top), _region_logsumexps(s, top)
     return torch.stack([t_lse, s_lse, t_tail, s_tail], 1)
 
 
-def _minus_onehot(grad: Tensor, target: Tensor, ce_owned: Tensor) -> Tensor:
-    """grad - ce_weight [j = y] on the rank owning y; ce_owned [c] = ce_weight or 0."""
+def _minus_one_hot(grad: Tensor, chunk: Chunk) -> Tensor:
+    """grad - ce_weight [j = y] on the rank owning y, cast to the logits' dtype."""
+    targets = chunk.targets
     cols = torch.arange(grad.shape[-1], device=grad.device)
-    return grad - torch.where(cols == target.unsqueeze(-1), ce_owned.unsqueeze(-1), 0.0)
+    one_hot = cols == targets.column.unsqueeze(-1)
+    weight = targets.one_hot_weight(chunk.dtype).unsqueeze(-1)
+    return (grad - torch.where(one_hot, weight, 0.0)).to(chunk.student.dtype)
 
 
-def tad_terms(t, s, thr, norm, coef, target, ce_owned, dtype: torch.dtype, grad_dtype, want_grad: bool):
-    """Sums of r log(r / r^s) over T_K and over the tail [c], and the logit gradient [c, V_r].
+def split_kl_pass(
+    chunk: Chunk, coefficients: RegionCoefficients | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """sum_{T_K} r log(r / r^s), sum_{tail} r log(r / r^s) [c] over this slice, and, given the
+    `coefficients`, the logit gradient A r^s - B r - ce_weight [j = y]  [c, V_r] in the same pass.
 
-    norm: [c, 4] from `normalisers`. coef: [c, 4] = (A_top, B_top, A_tail, B_tail); the gradient is
-    A r^s - B r, region by region, minus the one-hot part of the CE gradient, cast to grad_dtype.
+    The first sum is D1 without its tail bucket, the second D2 (docs/METHOD.md).
     """
-    t, s = t.to(dtype), s.to(dtype)
-    top = t >= thr.unsqueeze(-1)
-    log_r = t - torch.where(top, norm[:, 0:1], norm[:, 2:3])
-    log_rs = s - torch.where(top, norm[:, 1:2], norm[:, 3:4])
+    norm, top = chunk.norm, chunk.top()
+    t, s = chunk.teacher.to(chunk.dtype), chunk.student.to(chunk.dtype)
+
+    def column(x: Tensor) -> Tensor:
+        return x.unsqueeze(-1)
+
+    log_r = t - _region(top, column(norm.teacher), column(norm.teacher_tail))
+    log_rs = s - _region(top, column(norm.student), column(norm.student_tail))
     r = log_r.exp()
     pointwise = r * (log_r - log_rs)
-    top_sum = torch.where(top, pointwise, 0.0).sum(-1)
-    tail_sum = torch.where(top, 0.0, pointwise).sum(-1)
-    if not want_grad:
+    if top is None:
+        top_sum, tail_sum = torch.zeros_like(norm.student), pointwise.sum(-1)
+    else:
+        top_sum = torch.where(top, pointwise, 0.0).sum(-1)
+        tail_sum = torch.where(top, 0.0, pointwise).sum(-1)
+    if coefficients is None:
         return top_sum, tail_sum, None
-    a = torch.where(top, coef[:, 0:1], coef[:, 2:3])
-    b = torch.where(top, coef[:, 1:2], coef[:, 3:4])
-    grad = _minus_onehot(a * log_rs.exp() - b * r, target, ce_owned)
-    return top_sum, tail_sum, grad.to(grad_dtype)
+    c = coefficients
+    a = _region(top, column(c.top_a), column(c.tail_a))
+    b = _region(top, column(c.top_b), column(c.tail_b))
+    return top_sum, tail_sum, _minus_one_hot(a * log_rs.exp() - b * r, chunk)
 
 
-def reverse_kl_terms(t, s, norm, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """sum q log(q/p) and sum p log(p/q) over this slice [c]; norm [c, 4] from `normalisers`."""
-    log_p = t.to(dtype) - norm[:, 0:1]
-    log_q = s.to(dtype) - norm[:, 1:2]
-    log_ratio = log_q - log_p
-    return (log_q.exp() * log_ratio).sum(-1), -(log_p.exp() * log_ratio).sum(-1)
+def _log_probs(chunk: Chunk) -> tuple[Tensor, Tensor]:
+    """(log p, log q) on this slice [c, V_r]."""
+    log_p = chunk.teacher.to(chunk.dtype) - chunk.norm.teacher.unsqueeze(-1)
+    log_q = chunk.student.to(chunk.dtype) - chunk.norm.student.unsqueeze(-1)
+    return log_p, log_q
 
 
-def reverse_kl_grad(t, s, norm, rkl, ce_weight: float, target, ce_owned, dtype, grad_dtype) -> Tensor:
-    """q_j (log q_j - log p_j - KL(q||p)) + ce_weight (q_j - [j = y])  [c, V_r]."""
-    log_p = t.to(dtype) - norm[:, 0:1]
-    log_q = s.to(dtype) - norm[:, 1:2]
-    grad = log_q.exp() * (log_q - log_p - rkl.unsqueeze(-1) + ce_weight)
-    return _minus_onehot(grad, target, ce_owned).to(grad_dtype)
+def reverse_kl_sums(chunk: Chunk) -> tuple[Tensor, Tensor]:
+    """sum q log(q / p) and sum p log(p / q) over this slice [c]."""
+    log_p, log_q = _log_probs(chunk)
+    return kl_sum(log_q, log_p), kl_sum(log_p, log_q)
 
 
-def softmax_grad(s, s_lse, ce_weight: float, target, ce_owned, dtype, grad_dtype) -> Tensor:
+def reverse_kl_grad(chunk: Chunk, reverse_kl: Tensor) -> Tensor:
+    """q_j (log q_j - log p_j - KL(q || p)) + ce_weight (q_j - [j = y])  [c, V_r];
+    `reverse_kl` [c] is KL(q || p) over the whole vocabulary."""
+    log_p, log_q = _log_probs(chunk)
+    grad = log_q.exp() * (log_q - log_p - reverse_kl.unsqueeze(-1) + chunk.targets.ce_weight)
+    return _minus_one_hot(grad, chunk)
+
+
+def softmax_grad(chunk: Chunk) -> Tensor:
     """ce_weight (q_j - [j = y])  [c, V_r]: the gradient of CE alone."""
-    grad = ce_weight * (s.to(dtype) - s_lse.unsqueeze(-1)).exp()
-    return _minus_onehot(grad, target, ce_owned).to(grad_dtype)
+    log_q = chunk.student.to(chunk.dtype) - chunk.norm.student.unsqueeze(-1)
+    return _minus_one_hot(chunk.targets.ce_weight * log_q.exp(), chunk)
 
 
-def logsumexp(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """log Z over this slice [c]."""
-    return x.to(dtype).logsumexp(-1)
+def pick(logits: Tensor, targets: Targets) -> Tensor:
+    """logits[i, y_i] where this rank owns y_i, else 0 [c] (a slice of padding rows owns none)."""
+    if logits.shape[1] == 0:
+        return logits.new_zeros(logits.shape[0])
+    return logits.gather(1, targets.column.unsqueeze(1)).squeeze(1) * targets.owned

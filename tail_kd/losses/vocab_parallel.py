@@ -44,6 +44,17 @@ class VocabShards:
         # Rows [0, kept) of the local shard are real tokens.
         self.kept = max(0, min(local_rows, self.vocab_size - self.offset))
 
+    def check_same_rows(self, rows: int, vocab_size: int | None, name: str) -> None:
+        """ValueError unless a weight of `rows` local rows holds the same tokens as this one."""
+        other = VocabShards(rows, vocab_size, self.group)
+        if (other.offset, other.kept) != (self.offset, self.kept):
+            raise ValueError(
+                f"{name} and student_weight must hold the same token rows on each rank: student "
+                f"rows [{self.offset}, {self.offset + self.kept}), {name} rows "
+                f"[{other.offset}, {other.offset + other.kept}); pass vocab_size to drop padding "
+                "rows"
+            )
+
     def _all_gather_ints(self, value: int) -> list[int]:
         if self.group is None:
             return [value]
