@@ -36,10 +36,8 @@ import errno
 import json
 import os
 import random
-import re
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,24 +45,26 @@ import numpy as np
 import torch
 
 from tail_kd.distributed import DistContext
+from tail_kd.run_dir import (
+    CHECKPOINTS_DIR,
+    COMPLETE_MARKER,
+    RANK_STATE_DIR,
+    TRAINER_STATE,
+    UNFINISHED_DIR,
+    Checkpoint,
+    complete_checkpoints,
+    step_dir_name,
+)
 
 __all__ = [
-    "Checkpoint",
     "CheckpointWriteError",
     "CheckpointManager",
-    "complete_checkpoints",
-    "find_checkpoint",
     "capture_rng",
     "restore_rng",
     "DEEPSPEED_TAG",
 ]
 
-CHECKPOINTS_DIR = "checkpoints"
-COMPLETE_MARKER = "COMPLETE"
-TRAINER_STATE = "trainer_state.json"
-RANK_STATE_DIR = "rank_state"
 DEEPSPEED_TAG = "deepspeed"
-_STEP_DIR = re.compile(r"step-(\d{7,})")
 
 
 class CheckpointWriteError(RuntimeError):
@@ -94,50 +94,6 @@ class CheckpointWriteError(RuntimeError):
         self.folder = folder
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """A published, complete checkpoint."""
-
-    step: int
-    path: Path
-
-    @property
-    def trainer_state(self) -> dict[str, Any]:
-        """The run-level state rank 0 saved (step, world size, recipe, TensorBoard run)."""
-        return json.loads((self.path / TRAINER_STATE).read_text())
-
-    def rank_state(self, rank: int) -> dict[str, Any]:
-        """What `rank` saved: its data-loader position and RNG states."""
-        return json.loads((self.path / RANK_STATE_DIR / f"rank-{rank:05d}.json").read_text())
-
-
-def complete_checkpoints(run_dir: str | os.PathLike) -> list[Checkpoint]:
-    """The complete checkpoints of a run, oldest first (folders without COMPLETE are ignored)."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        match = _STEP_DIR.fullmatch(entry.name)
-        if match and (entry / COMPLETE_MARKER).is_file():
-            found.append(Checkpoint(int(match.group(1)), entry))
-    return sorted(found, key=lambda c: c.step)
-
-
-def find_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> Checkpoint:
-    """The newest complete checkpoint of a run, or the one of `step`; FileNotFoundError if none."""
-    checkpoints = complete_checkpoints(run_dir)
-    if step is not None:
-        checkpoints = [c for c in checkpoints if c.step == step]
-    if not checkpoints:
-        what = "complete checkpoint" if step is None else f"complete checkpoint of step {step}"
-        available = ", ".join(str(c.step) for c in complete_checkpoints(run_dir)) or "none"
-        raise FileNotFoundError(
-            f"{Path(run_dir) / CHECKPOINTS_DIR} has no {what} (complete steps: {available})"
-        )
-    return checkpoints[-1]
-
-
 class CheckpointManager:
     """Saves, publishes, prunes and loads a run's checkpoints; call its methods on every rank."""
 
@@ -163,8 +119,8 @@ class CheckpointManager:
             trainer_state: run-level state, written by rank 0 (must be JSON-serialisable).
             rank_state: this rank's state (data position, RNG), written by every rank.
         """
-        tmp = self.root / f"tmp-step-{step:07d}"
-        final = self.root / f"step-{step:07d}"
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f"tmp-{final.name}"
         failure: BaseException | None = None
         if self.ctx.is_main:
             try:
@@ -251,7 +207,7 @@ class CheckpointManager:
             shutil.rmtree(old.path)
         newest = checkpoints[-1].step
         for entry in self.root.iterdir():
-            match = re.fullmatch(r"(?:tmp-)?step-(\d{7,})", entry.name)
+            match = UNFINISHED_DIR.fullmatch(entry.name)
             if match and int(match.group(1)) < newest and not (entry / COMPLETE_MARKER).is_file():
                 shutil.rmtree(entry)
 

@@ -1,6 +1,7 @@
-"""The `tail-kd` command: `train`, `export`, `eval`, `prepare-data` and `plan`.
+"""The `tail-kd` command: `train`, `status`, `export`, `eval`, `prepare-data` and `plan`.
 
     tail-kd train RECIPE.yaml [--nproc N] [train options]    (see `python -m tail_kd.train -h`)
+    tail-kd status RUN_DIR [--json | --shell]
     tail-kd export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16]
     tail-kd eval MODEL_OR_RUN [--data RECIPE_OR_FILE] [--teacher PATH] [--gsm N] [--out FILE]
     tail-kd prepare-data RECIPE.yaml [--set KEY=VALUE ...]
@@ -43,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         return _train(rest)
+    if command == "status":
+        from tail_kd.run_dir import main as status_main
+
+        return status_main(rest)
     if command == "export":
         from tail_kd.export import main as export_main
 
@@ -65,26 +70,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(argv: list[str]) -> int:
     from tail_kd import train
+    from tail_kd.config import RecipeError
     from tail_kd.distributed import free_port, resolve_device
+    from tail_kd.exit_status import EXIT_USAGE
 
     parser = train.build_parser(prog="tail-kd train")
     parser.add_argument(
         "--nproc", type=int, metavar="N", help="start N local ranks through the DeepSpeed launcher"
     )
     args = parser.parse_args(argv)
-    if args.nproc is None:
-        return train.run(args)
+    options, nproc = train.TrainOptions.from_namespace(args), args.nproc
+    if nproc is None:
+        return train.run(options)
     try:  # the recipe and its batch split, checked before any process starts
-        recipe = train.recipe_from_args(args)
-        recipe.check_world_size(args.nproc)
-    except train.RecipeError as error:
+        recipe = train.load_options_recipe(options)
+        recipe.check_world_size(nproc)
+    except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
-        return train.EXIT_USAGE
+        return EXIT_USAGE
     env = dict(os.environ)
     if resolve_device(recipe.device) == "cpu":
         env.update(DS_ACCELERATOR="cpu", **{k: v for k, v in CPU_MALLOC.items() if k not in env})
     command = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc),
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
         "--master_port", str(free_port()), "--module", "tail_kd.train", *_without_nproc(argv),
     ]  # fmt: skip
     launcher = subprocess.Popen(command, env=env)

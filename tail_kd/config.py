@@ -26,7 +26,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +49,7 @@ __all__ = [
     "GENERATED_SOURCES",
     "load_recipe",
     "apply_overrides",
+    "vocab_parallel_problem",
 ]
 
 # Data sources produced by a generator instead of read from files (see tail_kd/data/sources.py).
@@ -339,17 +340,60 @@ class Recipe:
         problem = _batch_split_problem(self.train, world_size)
         if problem:
             raise RecipeError(f"train.global_batch_size: {problem}")
-        size = self.parallel.vocab_parallel_size
-        if world_size % size:
-            raise RecipeError(
-                f"parallel.vocab_parallel_size: {size} does not divide the {world_size} ranks; "
-                f"choose a divisor of {world_size} (1 turns vocab parallelism off)"
-            )
+        problem = vocab_parallel_problem(self.parallel.vocab_parallel_size, world_size=world_size)
+        if problem:
+            raise RecipeError(problem)
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         """Micro-batches each rank accumulates per optimizer step."""
         self.check_world_size(world_size)
         return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+
+
+def vocab_parallel_problem(
+    size: int,
+    *,
+    world_size: int | None = None,
+    ranks_per_node: int | None = None,
+    offloaded: Sequence[str] = (),
+    reference_loss: bool = False,
+    vocab_size: int | None = None,
+) -> str | None:
+    """Why `parallel.vocab_parallel_size: size` cannot run in a set-up, or None if it can.
+
+    The rules, each written only here; callers pass what they know when they know it:
+    - groups are `size` consecutive ranks: `size` divides the world size;
+    - a group sits on one node: `size` divides the ranks per node;
+    - the rows are read from ZeRO-3's partitions on the device: no ZeRO offload;
+    - `--reference-loss` makes full logits on every rank: not with vocab-parallel heads;
+    - every member holds at least one row: `size` <= the vocabulary.
+    """
+    if size == 1:
+        return None
+    key = f"parallel.vocab_parallel_size: {size}"
+    if world_size is not None and world_size % size:
+        return (
+            f"{key} does not divide the {world_size} ranks; choose a divisor of {world_size} "
+            "(1 turns vocab parallelism off)"
+        )
+    if ranks_per_node is not None and ranks_per_node % size:
+        return (
+            f"{key} does not divide the {ranks_per_node} ranks on this node; a group must sit "
+            "on one node"
+        )
+    if offloaded:
+        return (
+            f"{key} cannot be combined with deepspeed.zero_optimization.{offloaded[0]} "
+            "(vocab-parallel heads read ZeRO-3's partitions on the device); set one of them off"
+        )
+    if reference_loss:
+        return (
+            "--reference-loss computes full logits on every rank: run it with "
+            "parallel.vocab_parallel_size=1"
+        )
+    if vocab_size is not None and vocab_size < size:
+        return f"{key} exceeds the {vocab_size}-token vocabulary"
+    return None
 
 
 def _batch_split_problem(train: TrainConfig, world_size: int) -> str | None:

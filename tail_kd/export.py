@@ -32,11 +32,11 @@ from transformers import (
     PreTrainedModel,
 )
 
-from tail_kd.checkpoint import DEEPSPEED_TAG, find_checkpoint
+from tail_kd.checkpoint import DEEPSPEED_TAG
+from tail_kd.run_dir import STUDENT_DIR, find_checkpoint
 
-__all__ = ["STUDENT_DIR", "WRAPPER_PREFIX", "save_student_spec", "export", "main"]
+__all__ = ["WRAPPER_PREFIX", "save_student_spec", "load_student", "export", "main"]
 
-STUDENT_DIR = "student"  # RUN_DIR/student: the student's config, generation config and tokenizer
 WRAPPER_PREFIX = "student."  # parameter names inside the training engine (StudentWithLoss.student)
 
 

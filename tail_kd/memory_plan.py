@@ -49,7 +49,14 @@ from typing import Sequence
 
 import torch
 
-from tail_kd.config import Recipe, RecipeError, add_override_argument, load_recipe
+from tail_kd.config import (
+    Recipe,
+    RecipeError,
+    add_override_argument,
+    load_recipe,
+    vocab_parallel_problem,
+)
+from tail_kd.deepspeed_config import model_dtype, offloaded, student_config
 
 __all__ = [
     "ModelShape",
@@ -127,14 +134,8 @@ class Setup:
 
 def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> Setup:
     """The memory-relevant settings of `recipe`, with DeepSpeed's config as the trainer builds it."""
-    from tail_kd.engines import model_dtype, student_config
-
     recipe.check_world_size(gpus)
-    zero = student_config(recipe, gpus, device)["zero_optimization"]
-
-    def offloaded(key: str) -> bool:
-        return (zero.get(key) or {}).get("device", "none") in ("cpu", "nvme")
-
+    offload = offloaded(student_config(recipe, gpus, device))
     kernels = recipe.loss.kernels
     return Setup(
         device=device,
@@ -145,8 +146,8 @@ def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> S
         global_batch_size=recipe.train.global_batch_size,
         student_bytes=model_dtype(recipe.train.precision, device).itemsize,
         teacher_bytes=model_dtype(recipe.teacher.dtype, device).itemsize,
-        offload_param=offloaded("offload_param"),
-        offload_optimizer=offloaded("offload_optimizer"),
+        offload_param="offload_param" in offload,
+        offload_optimizer="offload_optimizer" in offload,
         activation_checkpointing=recipe.train.activation_checkpointing,
         loss_chunk=recipe.loss.chunk_size,
         compiled_loss=kernels == "compiled" or (kernels == "auto" and device == "cuda"),
@@ -214,9 +215,9 @@ def host_bytes_per_node(student: ModelShape, teacher: ModelShape, setup: Setup) 
     loading = setup.gpus_per_node * (
         setup.teacher_bytes * teacher.parameters + 4 * student.parameters
     )
-    offloaded = 0
+    offloaded_bytes = 0
     if setup.offload_optimizer:
-        offloaded, _, _ = estimate_zero3_model_states_mem_needs(
+        offloaded_bytes, _, _ = estimate_zero3_model_states_mem_needs(
             student.parameters,
             student.largest_layer,
             num_gpus_per_node=setup.gpus_per_node,
@@ -226,13 +227,11 @@ def host_bytes_per_node(student: ModelShape, teacher: ModelShape, setup: Setup) 
             zero_init=True,  # what stays after loading: the partitions, not the full copies
         )
     if setup.offload_param:
-        offloaded += setup.teacher_bytes * teacher.parameters // nodes
-    return max(loading, offloaded)
+        offloaded_bytes += setup.teacher_bytes * teacher.parameters // nodes
+    return max(loading, offloaded_bytes)
 
 
-def largest_micro_batch(
-    student: ModelShape, teacher: ModelShape, setup: Setup, budget: int
-) -> int:
+def largest_micro_batch(student: ModelShape, teacher: ModelShape, setup: Setup, budget: int) -> int:
     """The largest micro-batch whose estimate fits in `budget` bytes (0: not even one)."""
     best = 0
     for micro_batch in range(1, MAX_MICRO_BATCH + 1):
@@ -333,8 +332,16 @@ def make_plan(
     budget = int(budget)
     options = []
     for offload_optimizer, offload_param, checkpointing in OPTIONS:
-        if setup.vocab_parallel_size > 1 and offload_optimizer:
-            continue  # vocab-parallel heads do not combine with offload (tail_kd/engines.py)
+        offload = [
+            key
+            for key, on in (
+                ("offload_param", offload_param),
+                ("offload_optimizer", offload_optimizer),
+            )
+            if on
+        ]
+        if vocab_parallel_problem(setup.vocab_parallel_size, offloaded=offload):
+            continue
         variant = Setup(
             **{
                 **asdict(setup),

@@ -18,15 +18,15 @@ from tqdm import tqdm
 from tail_kd.eval.metrics import TOKEN_METRICS
 from tail_kd.losses import LOSS_SCALARS
 
-__all__ = ["Monitor", "LOSS_SCALARS", "TRAIN_SCALARS", "EVAL_SCALARS", "format_metrics"]
+__all__ = ["Monitor", "TRAIN_SCALARS", "EVAL_SCALARS", "format_metrics", "read_scalars"]
 
 # Logged as train/<name> at every log step: the loss scalars every training forward returns
-# (tail_kd.engines.StudentWithLoss), averaged per step, and the step's own numbers.
+# (tail_kd.distiller.StudentWithLoss), averaged per step, and the step's own numbers.
 TRAIN_SCALARS = LOSS_SCALARS + (
     "lr",
     "grad_norm",
     "tokens_per_sec",
-    "skipped_steps",  # updates skipped for non-finite values so far (tail_kd/train.py)
+    "skipped_steps",  # updates skipped for non-finite values so far (tail_kd/step_health.py)
 )
 # Held-out token metrics (tail_kd.eval.metrics, the same code as `tail-kd eval`).
 EVAL_SCALARS = TOKEN_METRICS
@@ -67,19 +67,27 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
 
 
 class Monitor:
-    """Rank 0's TensorBoard writer, tqdm bar and log lines; inert on other ranks."""
+    """Rank 0's TensorBoard writer, tqdm bar and log lines; inert on other ranks.
 
-    def __init__(self, enabled: bool, log_dir: str | Path, total_steps: int, start_step: int):
+    `print` works at once; the TensorBoard run and the bar open with `start`, at the step
+    training starts from (after a resume), and close with `close`.
+    """
+
+    def __init__(self, enabled: bool, log_dir: str | Path, total_steps: int):
         self.enabled = enabled
         self.total_steps = total_steps
         self.log_dir = Path(log_dir)
-        if not enabled:
+
+    def start(self, start_step: int) -> None:
+        """Open the TensorBoard run (purging what an interrupted run logged after `start_step`)
+        and the progress bar."""
+        if not self.enabled:
             return
         purge = start_step + 1 if start_step > 0 else None
         self.writer = SummaryWriter(str(self.log_dir), purge_step=purge, flush_secs=30)
         # disable=None: a bar on a terminal, none in a log file (the per-step lines remain).
         self.bar = tqdm(
-            total=total_steps,
+            total=self.total_steps,
             initial=start_step,
             desc="distil",
             unit="step",
@@ -122,3 +130,16 @@ class Monitor:
         if self.enabled:
             self.bar.close()
             self.writer.close()
+
+
+def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of a TensorBoard run folder, read with TensorBoard's own reader:
+    tag -> [(step, value)] (what the study, the report and the tests read back)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        tag: [(event.step, event.value) for event in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }

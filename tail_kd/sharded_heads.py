@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tail_kd.config import vocab_parallel_problem
 from tail_kd.losses import DistillationLossOutput, LossInputs
 
 __all__ = ["VocabGroups", "vocab_groups", "ShardedHead", "group_loss"]
@@ -63,10 +64,9 @@ def vocab_groups(size: int, vocab_size: int) -> VocabGroups:
     """Split the ranks into groups of `size` consecutive ranks (a collective: every rank calls it,
     and every rank creates every group, as `torch.distributed.new_group` requires)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    if world % size:
-        raise ValueError(f"vocab_parallel_size {size} does not divide the {world} ranks")
-    if vocab_size < size:
-        raise ValueError(f"vocab_parallel_size {size} exceeds the {vocab_size}-token vocabulary")
+    problem = vocab_parallel_problem(size, world_size=world, vocab_size=vocab_size)
+    if problem:
+        raise ValueError(problem)
     mine = None
     for start in range(0, world, size):
         group = dist.new_group(list(range(start, start + size)))

@@ -15,14 +15,8 @@ import pytest
 import torch
 
 from tail_kd import checkpoint as checkpoint_module
-from tail_kd.checkpoint import (
-    CheckpointManager,
-    CheckpointWriteError,
-    capture_rng,
-    complete_checkpoints,
-    find_checkpoint,
-    restore_rng,
-)
+from tail_kd.checkpoint import CheckpointManager, CheckpointWriteError, capture_rng, restore_rng
+from tail_kd.run_dir import complete_checkpoints, find_checkpoint
 
 
 class FakeEngine:

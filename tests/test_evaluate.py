@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from tail_kd.eval.maths import extract_answer, is_correct, normalize_number
 from tail_kd.eval.metrics import CalibrationBins, TokenMetrics, bin_index, score_hidden_states
-from tail_kd.monitor import EVAL_SCALARS
+from tail_kd.monitor import EVAL_SCALARS, read_scalars
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_RECIPE = REPO / "recipes" / "tiny" / "tad.yaml"
@@ -276,7 +276,7 @@ def tiny(tmp_path_factory):
     held-out set (8 sequences = 2 micro-batches of 2 on each rank), and its exported student."""
     from tail_kd.export import export
     from tail_kd.models import build_tiny_pair
-    from tail_kd.train import read_done
+    from tail_kd.run_dir import read_done
 
     root = tmp_path_factory.mktemp("evaluate")
     run_dir, cache = root / "run", root / "cache"
@@ -306,16 +306,6 @@ def tiny(tmp_path_factory):
         "cache": cache,
         "student": exported,
         "teacher": teacher_dir,
-    }
-
-
-def _tensorboard(path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(path), size_guidance={"scalars": 0})
-    events.Reload()
-    return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
     }
 
 
@@ -365,12 +355,12 @@ def test_eval_of_a_run_matches_the_model_loss_the_trainer_and_its_export(tiny, c
 
     # The trainer's final held-out metrics (ZeRO-3 shards over 2 ranks, each rank scoring its
     # part, states summed) on the same 8 sequences.
-    logged = _tensorboard(tiny["run"] / "tensorboard" / "tiny-tad")
+    logged = read_scalars(tiny["run"] / "tensorboard" / "tiny-tad")
     for name in EVAL_SCALARS:
         assert logged[f"eval/{name}"][-1] == (2, pytest.approx(metrics[name], rel=1e-4)), name
 
     # TensorBoard scalars, read back with TensorBoard's reader.
-    scalars = _tensorboard(tensorboard)
+    scalars = read_scalars(tensorboard)
     assert sorted(scalars) == sorted(f"eval/{name}" for name in REPORTED)
     assert scalars["eval/ce"] == [(2, pytest.approx(metrics["ce"]))]
 

@@ -1,6 +1,6 @@
 """What a run does when things go wrong, and what survives (docs/FAULTS.md links here).
 
-Bad input is checked in this process: the real `Trainer.run` with a one-rank stand-in for the
+Bad input is checked in this process: the real `set_up_run` with a one-rank stand-in for the
 process group and `load_models` replaced by a tripwire, so each error must come before any model
 is loaded. The faults are real runs of the tiny recipe on the CPU (~20-30 s each):
 
@@ -30,23 +30,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tail_kd import train as train_module
-from tail_kd.checkpoint import DEEPSPEED_TAG, complete_checkpoints, find_checkpoint
+from helpers import EXIT_ABORT, RECIPE, REPO, Run
+from tail_kd import run_setup
+from tail_kd.checkpoint import DEEPSPEED_TAG
 from tail_kd.cli import CPU_MALLOC
 from tail_kd.config import RecipeError, load_recipe
 from tail_kd.data import DataError
 from tail_kd.distributed import free_port
-from tail_kd.train import (
-    EXIT_CHECKPOINT_WRITE,
-    EXIT_DIVERGED,
-    EXIT_RANK_LOST,
-    EXIT_USAGE,
-    Trainer,
-    build_parser,
-    main,
-    read_done,
-)
-from test_train import EXIT_ABORT, RECIPE, REPO, Run
+from tail_kd.exit_status import EXIT_CHECKPOINT_WRITE, EXIT_DIVERGED, EXIT_RANK_LOST, EXIT_USAGE
+from tail_kd.run_dir import complete_checkpoints, find_checkpoint, read_done
+from tail_kd.train import main, parse_options
 
 # A shorter tiny run: 1 rank, 2 micro-batches of 2 sequences per step, no evaluation.
 SMALL = ["train.global_batch_size=4", "eval.every=0", "train.warmup_steps=1"]
@@ -63,22 +56,17 @@ def environment(**extra: str) -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **CPU_MALLOC, **extra}
 
 
-def launch(run_dir: Path, cache: Path, sets: list[str], *args: str) -> Run:
-    """One rank in one process, no launcher."""
+def launch(run_dir: Path, cache: Path, sets: list[str], *args: str, **env: str) -> Run:
+    """One rank in one process, no launcher (`env`: extra environment variables)."""
     proc = subprocess.run(
         command(run_dir, cache, sets, *args),
         cwd=REPO,
-        env=environment(),
+        env=environment(**env),
         capture_output=True,
         text=True,
         timeout=600,
     )
     return Run(run_dir, proc)
-
-
-def exited_with(run: Run, status: int) -> bool:
-    """`status`, or the rare abort at interpreter exit after the work was done (OFFLINE.md)."""
-    return run.proc.returncode == status or EXIT_ABORT in run.proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +89,7 @@ def one_rank() -> SimpleNamespace:
     return SimpleNamespace(
         rank=0,
         world_size=1,
+        topology=SimpleNamespace(local_world_size=1),
         is_main=True,
         device=torch.device("cpu"),
         barrier=lambda: None,
@@ -171,13 +160,13 @@ def test_bad_input_is_named_before_any_model_loads(
     def tripwire(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(train_module, "load_models", tripwire)
+    monkeypatch.setattr(run_setup, "load_models", tripwire)
     paths = {**{name: str(path) for name, path in inputs.items()}, "missing": "missing.jsonl"}
     overrides = [f"cache_dir={cache}", *(s.format(**paths) for s in sets)]
-    args = build_parser().parse_args([str(RECIPE), "--output-dir", str(tmp_path / "run")])
+    options = parse_options([str(RECIPE), "--output-dir", str(tmp_path / "run")])
     recipe = load_recipe(RECIPE, overrides + [f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(error, match=message):
-        Trainer(recipe, one_rank(), args, stop_flag=None).run()
+        run_setup.set_up_run(recipe, options, one_rank(), stop_flag=None)
 
 
 @contextlib.contextmanager
@@ -185,8 +174,7 @@ def tmpfs(path: Path, options: str):
     """A tmpfs mounted at `path` (root only; skips the test where it cannot be mounted)."""
     path.mkdir()
     mounted = os.geteuid() == 0 and (
-        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]).returncode
-        == 0
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]).returncode == 0
     )
     if not mounted:
         pytest.skip("mounting a tmpfs needs root")
@@ -248,7 +236,7 @@ def fp32_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def test_nonfinite_steps_are_skipped_counted_then_stop_the_run(nonfinite):
     run = nonfinite
-    assert exited_with(run, EXIT_DIVERGED), run.output
+    assert run.exited_with(EXIT_DIVERGED), run.output
     out, err = run.proc.stdout, run.proc.stderr
     assert "step 2: update skipped (1 in a row" in out
     assert "the loss is not finite (rank 0, micro-batch 1 of 2: loss nan, ce " in out
@@ -271,6 +259,19 @@ def test_nonfinite_steps_are_skipped_counted_then_stop_the_run(nonfinite):
     assert after_3.keys() == after_5.keys()
     for name, value in after_3.items():
         assert torch.equal(value, after_5[name]), name
+
+
+def test_a_requeued_job_resumes_even_when_its_command_says_overwrite(workdir, cache):
+    """A Slurm job submitted with --overwrite and requeued (SLURM_RESTART_COUNT=1) runs the same
+    command again: the trainer must continue from the checkpoint, not delete it."""
+    sets = ["train.steps=2", "checkpoint.every=1"]
+    first = launch(workdir / "requeued", cache, sets, "--overwrite", "--stop-after-steps", "1")
+    assert first.exited_with(0), first.output
+    assert [c.step for c in complete_checkpoints(first.dir)] == [1], first.output
+    again = launch(first.dir, cache, sets, "--overwrite", SLURM_RESTART_COUNT="1")
+    again.assert_finished(2)
+    assert f"resumed from {first.dir / 'checkpoints' / 'step-0000001'}" in again.proc.stdout
+    assert [c.step for c in complete_checkpoints(again.dir)] == [1, 2]
 
 
 def plant_killed_writes(run_dir: Path) -> None:
@@ -475,4 +476,3 @@ def test_collective_timeout_settings():
     assert collective_timeout(both) == timedelta(seconds=2.5)
     with pytest.raises(ValueError, match="TAIL_KD_COLLECTIVE_TIMEOUT must be a number"):
         collective_timeout({"TAIL_KD_COLLECTIVE_TIMEOUT": "soon"})
-

@@ -201,7 +201,9 @@ def test_academic_recipes_take_the_plans_fastest_option(
     setup, chosen = plan["setup"], plan["recommended"]
     for key in ("offload_optimizer", "offload_param", "activation_checkpointing"):
         assert chosen[key] == setup[key], (key, text)
-    assert setup["student_bytes"] == 2 and setup["micro_batch_size"] <= chosen["largest_micro_batch"]
+    assert (
+        setup["student_bytes"] == 2 and setup["micro_batch_size"] <= chosen["largest_micro_batch"]
+    )
     assert "fastest option that fits" in text
 
 

@@ -40,7 +40,10 @@ def test_plan_of_the_tiny_pair(cache):
         ({"loss": {"k": 600}}, r"loss.k: 600 leaves no tail in the \d+-token vocabulary"),
         ({"data": {"seq_len": 4096}}, r"data.seq_len: 4096 exceeds the teacher's 512 positions"),
         ({"student": {"num_layers": 9}}, r"num_layers=9 must be between 1 and the teacher's"),
-        ({"student": {"hidden_size": 128}}, r"hidden_size=128 must be between 1 and the teacher's 64"),
+        (
+            {"student": {"hidden_size": 128}},
+            r"hidden_size=128 must be between 1 and the teacher's 64",
+        ),
     ],
 )
 def test_impossible_students_and_settings_fail_before_loading(cache, sections, message):

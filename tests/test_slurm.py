@@ -16,14 +16,13 @@ together with `sbatch --wait` (one module fixture; they share the tiny model and
                                                                               finished, one curve
     cancelled   the same, `scancel` after its first checkpoint              -> not requeued
 
-A run counts as finished by its own DONE marker as well as by the job's exit code (OFFLINE.md: a
-rank rarely aborts at interpreter exit after a complete run).
+A run counts as finished by its own DONE marker as well as by the job's exit code (a rank rarely
+aborts at interpreter exit after a complete run: tests/helpers.py, EXIT_ABORT).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -33,14 +32,15 @@ import time
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO, RUN_NAME
+from tail_kd.monitor import read_scalars
+from tail_kd.run_dir import complete_checkpoints, read_done
+
 HELPER = REPO / "tools" / "slurm_ci.sh"
 MULTINODE = REPO / "slurm" / "train_multinode.sbatch"
 SINGLE = REPO / "slurm" / "train_single_gpu.sbatch"
 RECIPE = "recipes/tiny/tad.yaml"  # relative: jobs run in the repository root, as users submit
-RUN_NAME = "tiny-tad"
 EX_CANNOT = 77  # tools/slurm_ci.sh: Slurm cannot be started here
 STEPS = 4
 PREEMPT_STEPS = 60
@@ -133,21 +133,16 @@ class Job:
         return self.runs / f"{RUN_NAME}-{self.job_id}"
 
     def done(self) -> dict | None:
-        path = self.run_dir / "DONE"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_done(self.run_dir)
 
     def trainer_state(self, step: int) -> dict:
-        path = self.run_dir / "checkpoints" / f"step-{step:07d}"
-        assert (path / "COMPLETE").is_file(), f"no complete checkpoint of step {step}\n{self.log}"
-        return json.loads((path / "trainer_state.json").read_text())
+        checkpoints = {c.step: c for c in complete_checkpoints(self.run_dir)}
+        assert step in checkpoints, f"no complete checkpoint of step {step}\n{self.log}"
+        return checkpoints[step].trainer_state
 
     def scalars(self, tag: str) -> list[tuple[int, float]]:
         """A TensorBoard scalar as TensorBoard itself reads it back: [(step, value)]."""
-        events = EventAccumulator(
-            str(self.run_dir / "tensorboard" / RUN_NAME), size_guidance={"scalars": 0}
-        )
-        events.Reload()
-        return [(e.step, e.value) for e in events.Scalars(tag)]
+        return read_scalars(self.run_dir / "tensorboard" / RUN_NAME)[tag]
 
     def assert_finished(self, steps: int) -> None:
         done = self.done()
@@ -334,7 +329,7 @@ def test_preempted_job_checkpoints_requeues_resumes_and_finishes(jobs):
     # Second run: the same job, restarted, resumed from that checkpoint in the same output dir.
     assert job.restarts_seen >= 1, log
     assert re.search(r"job \d+, restart 1,", log), log
-    assert re.search(r"launch: srun .* --resume", log), log
+    assert "requeued Slurm job (restart 1): resuming" in log, log
     assert f"resumed from {job.run_dir}/checkpoints/step-{stopped:07d} (step {stopped})" in log
     assert log.count("finished at step") == 1, log
     # One continuous loss curve in one TensorBoard run: every step once, in order.
@@ -386,6 +381,7 @@ def test_requeued_run_resumes_instead_of_overwriting():
     )
     assert "--resume" in launch and "--overwrite" not in launch
     assert "--output-dir runs/tiny-tad-7" in launch
+
 
 
 def test_given_output_dir_with_a_checkpoint_is_resumed(tmp_path):

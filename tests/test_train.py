@@ -15,7 +15,6 @@ runs are module fixtures shared by the tests that check them:
 All runs share one cache (tiny teacher, tokenised data), built by the first.
 """
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -24,19 +23,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tail_kd.checkpoint import DEEPSPEED_TAG, complete_checkpoints, find_checkpoint
+from helpers import EXIT_ABORT, RECIPE, REPO, Run
+from tail_kd.checkpoint import DEEPSPEED_TAG
 from tail_kd.cli import CPU_MALLOC
 from tail_kd.config import load_recipe
 from tail_kd.distributed import free_port
+from tail_kd.exit_status import EXIT_PREEMPTED, EXIT_USAGE
 from tail_kd.monitor import EVAL_SCALARS, TRAIN_SCALARS
 from tail_kd.pair import load_models, plan_models
-from tail_kd.train import EXIT_PREEMPTED, EXIT_USAGE, main, read_done
+from tail_kd.run_dir import complete_checkpoints, find_checkpoint, read_done
+from tail_kd.train import main
 
-REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "recipes" / "tiny" / "tad.yaml"
-RUN_NAME = "tiny-tad"
 STEPS = 8
 COMMON = [f"train.steps={STEPS}", "checkpoint.every=4", "eval.every=4"]
 # One step whose update is proportional to the gradient: Adam's first step is
@@ -50,35 +48,6 @@ SGD_LIKE_STEP = [
     "train.grad_clip=0.0",
     "deepspeed.optimizer.params.eps=1.0",
 ]
-# OFFLINE.md: rarely a rank aborts at interpreter exit after a complete run.
-EXIT_ABORT = "terminate called without an active exception"
-
-
-@dataclasses.dataclass
-class Run:
-    dir: Path
-    proc: subprocess.CompletedProcess
-
-    @property
-    def output(self) -> str:
-        return f"--- stdout\n{self.proc.stdout[-6000:]}\n--- stderr\n{self.proc.stderr[-6000:]}"
-
-    def scalars(self) -> dict[str, list[tuple[int, float]]]:
-        """TensorBoard scalars read back with TensorBoard's own reader: tag -> [(step, value)]."""
-        events = EventAccumulator(
-            str(self.dir / "tensorboard" / RUN_NAME), size_guidance={"scalars": 0}
-        )
-        events.Reload()
-        return {
-            tag: [(e.step, e.value) for e in events.Scalars(tag)]
-            for tag in events.Tags()["scalars"]
-        }
-
-    def assert_finished(self, step: int) -> None:
-        """The run's own DONE marker, and a clean exit (or the known abort at interpreter exit)."""
-        done = read_done(self.dir)
-        assert done is not None and done["step"] == step, self.output
-        assert self.proc.returncode == 0 or EXIT_ABORT in self.proc.stderr, self.output
 
 
 def launch(
@@ -316,8 +285,12 @@ def test_vocab_parallel_with_two_groups_of_an_untied_student(workdir, untied_stu
     sets = [f"train.steps={steps}", "checkpoint.every=0", "eval.every=2", "student.init=config",
             f"student.path={untied_student}"]  # fmt: skip
     runs = {
-        size: launch(workdir / f"untied-p{size}", workdir / "cache",
-                     [*sets, f"parallel.vocab_parallel_size={size}"], ranks=4)  # fmt: skip
+        size: launch(
+            workdir / f"untied-p{size}",
+            workdir / "cache",
+            [*sets, f"parallel.vocab_parallel_size={size}"],
+            ranks=4,
+        )  # fmt: skip
         for size in (1, 2)
     }
     runs[1].assert_finished(steps)
@@ -325,7 +298,8 @@ def test_vocab_parallel_with_two_groups_of_an_untied_student(workdir, untied_stu
 
 
 def test_vocab_parallel_size_must_divide_the_ranks(workdir, full):
-    run = launch(workdir / "vocab3", workdir / "cache", ["parallel.vocab_parallel_size=3"], cli=True)
+    run = launch(
+        workdir / "vocab3", workdir / "cache", ["parallel.vocab_parallel_size=3"], cli=True
+    )
     assert run.proc.returncode == EXIT_USAGE, run.output
     assert "parallel.vocab_parallel_size: 3 does not divide the 2 ranks" in run.output
-

@@ -51,13 +51,21 @@ from tail_kd.config import add_override_argument
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("recipe")
     add_override_argument(p)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant, after one warm-up")
+    p.add_argument(
+        "--steps", type=int, default=5, help="timed steps per variant, after one warm-up"
+    )
     p.add_argument("--losses", nargs="+", default=["tad", "forward_kl"])
-    p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: known GPUs)")
-    p.add_argument("--memory", action="store_true", help="compare the peak memory with tail-kd plan's estimate")
+    p.add_argument(
+        "--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: known GPUs)"
+    )
+    p.add_argument(
+        "--memory", action="store_true", help="compare the peak memory with tail-kd plan's estimate"
+    )
     p.add_argument("--json", help="write the results to this file")
     return p.parse_args(argv)
 
@@ -76,17 +84,27 @@ def main(argv=None):
     from tail_kd.data import DistillationLoader, build_datasets
     import deepspeed
 
-    from tail_kd.engines import Distiller, loss_function, model_dtype
+    from tail_kd.deepspeed_config import model_dtype
+    from tail_kd.distiller import Distiller, loss_function
+    from tail_kd.heads import lm_head
     from tail_kd.pair import load_models, plan_models
 
     plan = plan_models(recipe, ctx)
-    train_set, _ = build_datasets(recipe.data, plan.teacher_tokenizer, recipe.data.cache_dir, recipe.seed)
+    train_set, _ = build_datasets(
+        recipe.data, plan.teacher_tokenizer, recipe.data.cache_dir, recipe.seed
+    )
     loader = DistillationLoader(train_set, recipe.train.micro_batch_size, 0, 1, recipe.seed)
     baseline = peak_memory.reset_peak(ctx.device)
     teacher, student = load_models(recipe, plan, model_dtype(recipe.teacher.dtype, ctx.device.type))
     device = ctx.device.type
-    distiller = Distiller(teacher, student, recipe, ctx, loss_function(recipe, plan.vocab_size, device),
-                          plan.vocab_size)
+    distiller = Distiller(
+        teacher,
+        student,
+        recipe=recipe,
+        ctx=ctx,
+        vocab_size=plan.vocab_size,
+        loss_fn=loss_function(recipe.loss, plan.vocab_size, device),
+    )
     engine = distiller.student
     batches = [next(loader) for _ in range(args.steps + 1)]
 
@@ -108,8 +126,10 @@ def main(argv=None):
     def teacher_forward(batch):
         """What a plain teacher forward computes: hidden states, then logits for every token."""
         with torch.no_grad():
-            hidden = distiller.teacher(batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device))
-            head = distiller.teacher_lm_head
+            hidden = distiller.teacher(
+                batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device)
+            )
+            head = lm_head(distiller.teacher.module.model)
             with deepspeed.zero.GatheredParameters([head]):
                 torch.nn.functional.linear(hidden, head.data)
 
@@ -124,14 +144,17 @@ def main(argv=None):
             engine.step()
 
     def student_only_step(batch):
-        out = engine(*(batch[key].to(ctx.device) for key in ("input_ids", "attention_mask", "labels")),
-                     None, None)
+        out = engine(
+            *(batch[key].to(ctx.device) for key in ("input_ids", "attention_mask", "labels")),
+            None,
+            None,
+        )  # no teacher: CE only (the loss bound by use_loss("none"))
         engine.backward(out["loss"])
         engine.step()
 
     def use_loss(divergence, **bound):
         recipe.loss.divergence = divergence
-        loss = functools.partial(loss_function(recipe, plan.vocab_size, device), **bound)
+        loss = functools.partial(loss_function(recipe.loss, plan.vocab_size, device), **bound)
         engine.module.loss_fn = phases.wrap("loss", loss)
 
     teacher_engine = distiller.teacher
@@ -149,15 +172,19 @@ def main(argv=None):
 
     flops = step_flops(plan, teacher_engine.module.model.config, tokens, recipe.data.seq_len)
     peak = args.peak_tflops or peak_tflops(device)
-    print(f"\n{args.recipe}: micro-batch {recipe.train.micro_batch_size} x {recipe.data.seq_len} tokens, "
-          f"device {_device_name(device)}, {torch.get_num_threads()} threads")
+    print(
+        f"\n{args.recipe}: micro-batch {recipe.train.micro_batch_size} x {recipe.data.seq_len} tokens, "
+        f"device {_device_name(device)}, {torch.get_num_threads()} threads"
+    )
     print(f"{'phase':<22} {'seconds':>9} {'tokens/s':>10} {'TFLOP/s':>9} {'MFU':>7}")
     for name, seconds in results.items():
         work = flops["teacher"] if name == "teacher_forward" else flops["kd_step"]
         if name == "student_only":
             work = flops["student_only"]
         mfu = f"{work / seconds / 1e12 / peak:>7.1%}" if peak else f"{'-':>7}"
-        print(f"{name:<22} {seconds:>9.3f} {tokens / seconds:>10.0f} {work / seconds / 1e12:>9.3f} {mfu}")
+        print(
+            f"{name:<22} {seconds:>9.3f} {tokens / seconds:>10.0f} {work / seconds / 1e12:>9.3f} {mfu}"
+        )
     for divergence, split in splits.items():
         total = sum(split.values())
         print(f"\nKD step ({divergence}) by phase:")
@@ -166,18 +193,31 @@ def main(argv=None):
     if "step_tad" in results and "step_forward_kl" in results:
         print(f"TAD step / forward-KL step: {results['step_tad'] / results['step_forward_kl']:.3f}")
     for divergence in args.losses:
-        print(f"{divergence} step / student-only step: "
-              f"{results[f'step_{divergence}'] / results['student_only']:.3f}")
+        print(
+            f"{divergence} step / student-only step: "
+            f"{results[f'step_{divergence}'] / results['student_only']:.3f}"
+        )
     if "step_tad" in results:
         overhead = results["step_tad"] - results["student_only"]
-        print(f"KD overhead over student-only: {overhead:.3f} s = "
-              f"{overhead / results['teacher_forward']:.2f} x the teacher forward "
-              f"({results['teacher_forward']:.3f} s)")
-    report = {"recipe": args.recipe, "overrides": args.overrides, "tokens": tokens,
-              "device": _device_name(device), "seconds": results, "phases": splits,
-              "flops_per_step": flops, "peak_tflops": peak}
+        print(
+            f"KD overhead over student-only: {overhead:.3f} s = "
+            f"{overhead / results['teacher_forward']:.2f} x the teacher forward "
+            f"({results['teacher_forward']:.3f} s)"
+        )
+    report = {
+        "recipe": args.recipe,
+        "overrides": args.overrides,
+        "tokens": tokens,
+        "device": _device_name(device),
+        "seconds": results,
+        "phases": splits,
+        "flops_per_step": flops,
+        "peak_tflops": peak,
+    }
     if args.memory:
-        report["memory"] = compare_with_plan(recipe, plan, device, peak_memory.peak(ctx.device) - baseline)
+        report["memory"] = compare_with_plan(
+            recipe, plan, device, peak_memory.peak(ctx.device) - baseline
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -250,15 +290,22 @@ def step_flops(plan, teacher_config, tokens, seq_len):
 
         shape = model_shape(config)
         heads = 1 if config.tie_word_embeddings else 2
-        return shape.parameters - heads * shape.vocab_rows * shape.hidden, shape.layers, shape.hidden
+        return (
+            shape.parameters - heads * shape.vocab_rows * shape.hidden,
+            shape.layers,
+            shape.hidden,
+        )
 
     (n_s, l_s, h_s), (n_t, l_t, h_t) = body(plan.student_config), body(teacher_config)
     vocab = plan.vocab_size
     student = tokens * (6 * n_s + 12 * l_s * h_s * seq_len + 6 * vocab * h_s)
     teacher = tokens * (2 * n_t + 4 * l_t * h_t * seq_len)
     teacher_logits = tokens * 2 * vocab * h_t
-    return {"kd_step": student + teacher + teacher_logits, "student_only": student,
-            "teacher": teacher + teacher_logits}
+    return {
+        "kd_step": student + teacher + teacher_logits,
+        "student_only": student,
+        "teacher": teacher + teacher_logits,
+    }
 
 
 # bf16 dense peak TFLOP/s by device name (vendor data sheets; SXM parts).
@@ -282,9 +329,13 @@ def compare_with_plan(recipe, plan, device, measured):
 
     setup = setup_of(recipe, device=device, gpus=1, gpus_per_node=1)
     teacher = model_shape(plan.teacher_config)
-    parts = estimate(model_shape(plan.student_config), teacher, setup, recipe.train.micro_batch_size)
-    print(f"\npeak memory: measured {measured / 2**20:.0f} MiB, tail-kd plan estimates "
-          f"{parts['total'] / 2**20:.0f} MiB (estimate / measured = {parts['total'] / measured:.2f})")
+    parts = estimate(
+        model_shape(plan.student_config), teacher, setup, recipe.train.micro_batch_size
+    )
+    print(
+        f"\npeak memory: measured {measured / 2**20:.0f} MiB, tail-kd plan estimates "
+        f"{parts['total'] / 2**20:.0f} MiB (estimate / measured = {parts['total'] / measured:.2f})"
+    )
     for name, value in parts.items():
         print(f"  {name:<22} {value / 2**20:>9.0f} MiB")
     return {"measured_bytes": measured, "estimate_bytes": parts}

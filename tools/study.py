@@ -183,7 +183,7 @@ def train_overrides(scale: Scale, method: Method, run_name: str) -> list[str]:
 
 def train(run_dir: Path, command: list[str], log) -> float | None:
     """Train unless DONE exists (resuming a partial run); return the seconds it took, if run."""
-    from tail_kd.train import read_done
+    from tail_kd.run_dir import read_done
 
     if read_done(run_dir) is not None:
         return None
@@ -317,11 +317,9 @@ def _write_json(path: Path, data: Any) -> None:
 
 def scalars(run_dir: Path, run_name: str) -> dict[str, list[tuple[int, float]]]:
     """The run's TensorBoard scalars (tag -> [(step, value)]), read with TensorBoard's reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tail_kd.monitor import read_scalars
 
-    events = EventAccumulator(str(run_dir / "tensorboard" / run_name), size_guidance={"scalars": 0})
-    events.Reload()
-    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+    return read_scalars(run_dir / "tensorboard" / run_name)
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:

@@ -84,7 +84,7 @@ class LoadedModel:
 
 
 def is_run_dir(path: str | Path) -> bool:
-    from tail_kd.export import STUDENT_DIR
+    from tail_kd.run_dir import STUDENT_DIR
 
     return (Path(path) / STUDENT_DIR / "config.json").is_file()
 
@@ -96,10 +96,10 @@ def load_model(
     on `device`."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from tail_kd.checkpoint import find_checkpoint
-    from tail_kd.export import STUDENT_DIR, load_student
+    from tail_kd.export import load_student
     from tail_kd.models import load_causal_lm, load_tokenizer, resolve_model_dir
     from tail_kd.pair import resolve_reference
+    from tail_kd.run_dir import STUDENT_DIR, find_checkpoint
 
     if is_run_dir(reference):
         run_dir = Path(reference)

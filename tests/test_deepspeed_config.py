@@ -1,18 +1,14 @@
-"""DeepSpeed configs from recipes and the LR schedule (no engines here; test_train.py runs real
-ZeRO-3 engines; the dense reference loss is tested in test_losses_fused.py)."""
-
-import math
+"""DeepSpeed configs from recipes (no engines here; test_train.py runs real ZeRO-3 engines)."""
 
 import pytest
 import torch
 
 from tail_kd.config import Recipe, RecipeError
-from tail_kd.engines import (
+from tail_kd.deepspeed_config import (
     check_deepspeed_config,
     check_deepspeed_overrides,
     student_config,
     teacher_config,
-    warmup_cosine,
 )
 
 
@@ -90,12 +86,3 @@ def test_keys_inside_deepspeed_sections_are_checked_by_deepspeeds_schema(extra, 
         check_deepspeed_config(recipe(deepspeed=extra), world_size=1, device="cpu")
     config = check_deepspeed_config(recipe(), world_size=1, device="cpu")
     assert config["zero_optimization"] == {"stage": 3}
-
-
-def test_warmup_then_cosine_to_min_ratio():
-    lr = [warmup_cosine(s, warmup_steps=4, total_steps=20, min_ratio=0.1) for s in range(20)]
-    assert lr[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(lr[3:], lr[4:]))
-    assert lr[-1] == pytest.approx(0.1)
-    assert warmup_cosine(0, warmup_steps=0, total_steps=1, min_ratio=0.3) == pytest.approx(0.3)
-    assert math.isclose(warmup_cosine(0, warmup_steps=0, total_steps=5, min_ratio=1.0), 1.0)

@@ -1,0 +1,199 @@
+"""The two DeepSpeed engines of a distillation job and one distillation forward.
+
+Teacher: a ZeRO-3 inference engine (`deepspeed.initialize` with no optimizer, as TRL's
+`prepare_deepspeed` does), in eval mode with gradients off; its weights are sharded over all ranks.
+Its forward returns the final hidden states only (`TeacherHiddenStates`).
+
+Student: a ZeRO-3 training engine around `StudentWithLoss`, whose forward runs the student's
+backbone and then the loss on both models' final hidden states and lm_head weights. The logits of
+the batch are never materialised (with the fused loss). Where the loss gets the lm_head weights
+from is the head source's business (tail_kd/heads.py: gathered whole, or row shards per rank).
+
+This module imports DeepSpeed: import it after `tail_kd.distributed.init_distributed`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from tail_kd.config import LossConfig, Recipe
+from tail_kd.deepspeed_config import student_config, teacher_config
+from tail_kd.distributed import DistContext
+from tail_kd.eval.metrics import TokenMetrics, score_hidden_states
+from tail_kd.heads import HeadSource, LossFunction, lm_head, make_heads
+from tail_kd.losses import LossInputs, dense_distillation_loss, fused_distillation_loss
+from tail_kd.optim import lr_scheduler, weight_decay_groups
+
+__all__ = ["loss_function", "TeacherHiddenStates", "StudentWithLoss", "Distiller"]
+
+
+def loss_function(
+    loss: LossConfig, vocab_size: int, device: str, *, reference: bool = False
+) -> LossFunction:
+    """The recipe's loss as `fn(*LossInputs, group=None) -> DistillationLossOutput`: the fused
+    loss (compiled on GPUs unless `loss.kernels` says otherwise), or with `reference=True` the
+    dense reference (full [tokens, V] logits: for checking and debugging only)."""
+    options = dict(
+        divergence=loss.divergence,
+        k=loss.k,
+        beta=loss.beta,
+        normalize=loss.normalize,
+        ce_weight=loss.ce_weight,
+        vocab_size=vocab_size,
+    )
+    if reference:
+        return functools.partial(dense_distillation_loss, **options)
+    compiled = loss.kernels == "compiled" or (loss.kernels == "auto" and device == "cuda")
+    return functools.partial(
+        fused_distillation_loss, chunk_size=loss.chunk_size, compile=compiled, **options
+    )
+
+
+class TeacherHiddenStates(nn.Module):
+    """A causal LM reduced to its backbone: input ids -> final hidden states [B, T, H]."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        )
+        return out.last_hidden_state
+
+
+class StudentWithLoss(nn.Module):
+    """The student's training forward: backbone -> final hidden states -> distillation loss.
+
+    Position t's hidden state predicts the token at t + 1: the loss sees hidden[:, :-1] against
+    labels[:, 1:] (labels follow the Hugging Face convention, aligned with input_ids, -100 = none).
+    Returns a dict of tensors (DeepSpeed's ZeRO-3 hooks only look inside tuples, lists and dicts):
+    `tail_kd.losses.LOSS_SCALARS` (the loss differentiable, the rest detached means over the
+    micro-batch's valid tokens) and `num_tokens`.
+    """
+
+    def __init__(self, student: PreTrainedModel, loss_fn: LossFunction, heads: HeadSource):
+        super().__init__()
+        self.student = student
+        self.loss_fn = loss_fn
+        self.heads = heads
+        heads.attach(self, student)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        teacher_hidden: Tensor | None,
+        teacher_weight: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """teacher_hidden/teacher_weight may be None for a loss that needs no teacher (CE only)."""
+        out = self.student.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        )
+        weight = self.heads.student_weight(self.student)
+        if not torch.is_grad_enabled():  # evaluation: spare the fused loss its in-pass gradients
+            weight = weight.detach()
+        inputs = LossInputs(
+            student_hidden=out.last_hidden_state[:, :-1],
+            student_weight=weight,
+            teacher_hidden=None if teacher_hidden is None else teacher_hidden[:, :-1],
+            teacher_weight=teacher_weight,
+            labels=labels[:, 1:],
+        )
+        result = self.heads.loss(self.loss_fn, inputs)
+        num_tokens = torch.tensor(float(result.num_tokens), device=result.loss.device)
+        return {**result.scalars(), "num_tokens": num_tokens}
+
+
+class Distiller:
+    """The teacher and student engines, and one distillation forward on a micro-batch.
+
+    Build it on every rank with the (unpartitioned) teacher and student; `deepspeed.initialize`
+    shards both. Then per micro-batch: `out = distiller.forward(batch)`,
+    `distiller.backward(out["loss"])`, and `distiller.student.step()` (a no-op except at the
+    gradient-accumulation boundary).
+    """
+
+    def __init__(
+        self,
+        teacher: PreTrainedModel,
+        student: PreTrainedModel,
+        *,
+        recipe: Recipe,
+        ctx: DistContext,
+        loss_fn: LossFunction,
+        vocab_size: int,
+    ):
+        """`vocab_size`: the real tokens the two lm_heads share (the loss's vocabulary)."""
+        ds_student = student_config(recipe, ctx.world_size, ctx.device.type)
+        if recipe.train.activation_checkpointing:
+            student.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self.heads = make_heads(recipe.parallel.vocab_parallel_size, vocab_size, student)
+        model = StudentWithLoss(student, loss_fn, self.heads)
+        self.student, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=weight_decay_groups(model, recipe.train.weight_decay),
+            config=ds_student,
+            lr_scheduler=lr_scheduler(recipe.train),
+        )
+        teacher.requires_grad_(False)
+        self.teacher, *_ = deepspeed.initialize(
+            model=TeacherHiddenStates(teacher), config=teacher_config(ds_student, teacher.dtype)
+        )
+        self.teacher.eval()
+        self.heads.bind(self.student, self.teacher.module.model)
+        self.device = ctx.device
+        self.vocab_size = vocab_size
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Teacher hidden states (no autograd), then the student's loss forward: one micro-batch."""
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        with torch.no_grad():
+            teacher_hidden = self.teacher(input_ids, attention_mask)
+        with self.heads.teacher_weight(self.teacher.module.model) as teacher_weight:
+            return self.student(input_ids, attention_mask, labels, teacher_hidden, teacher_weight)
+
+    def backward(self, loss: Tensor) -> None:
+        """The student engine's backward (and the head source's bookkeeping)."""
+        self.student.backward(loss)
+        self.heads.after_backward()
+
+    @torch.no_grad()
+    def score(self, batch: Mapping[str, Tensor], metrics: TokenMetrics) -> None:
+        """Add a held-out micro-batch to `metrics` (tail_kd.eval, the code `tail-kd eval` runs):
+        both backbones' final hidden states, then logits for a few hundred positions at a time
+        (`score_hidden_states`) from the whole lm_heads, gathered here whatever the head source,
+        real vocabulary rows only. Call it on every rank (ZeRO-3 gathers the weights of each
+        module collectively); sum the ranks' `metrics.state()`."""
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        teacher_hidden = self.teacher(input_ids, attention_mask)
+        student = self.student.module.student
+        hidden = student.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        heads = [lm_head(student), lm_head(self.teacher.module.model)]
+        with deepspeed.zero.GatheredParameters(heads):  # read-only: no modifier_rank
+            student_weight, teacher_weight = (head.data for head in heads)
+            score_hidden_states(
+                metrics,
+                hidden,
+                lambda h: F.linear(h, student_weight),
+                batch["labels"].to(self.device),
+                teacher_hidden,
+                lambda h: F.linear(h, teacher_weight),
+                vocab_size=self.vocab_size,
+            )

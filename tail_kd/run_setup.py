@@ -1,0 +1,98 @@
+"""Building a run: from a checked recipe and a joined process group to a `Trainer` ready to train.
+
+Order of work, cheapest checks first, so that bad input is reported before any weight loads:
+the DeepSpeed config (DeepSpeed's own schema) and the vocab-parallel rules; the output directory
+(`--resume` of a finished run has nothing to do, `--overwrite` clears the old run); the models'
+plan (`tail_kd.pair.plan_models`: the teacher resolved, rank 0 converting a GGUF file first, the
+student's config derived, the vocabularies checked); the data (tokenised by rank 0 into the shared
+cache, then loaded by the others); then the weights, the two DeepSpeed engines, the checkpoint
+manager and, with `--resume`, the newest complete checkpoint; last the monitor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+from transformers.utils import logging as hf_logging
+
+from tail_kd.checkpoint import CheckpointManager
+from tail_kd.config import Recipe, RecipeError, vocab_parallel_problem
+from tail_kd.data import DistillationLoader, build_datasets
+from tail_kd.deepspeed_config import check_deepspeed_config, model_dtype
+from tail_kd.distributed import DistContext
+from tail_kd.export import save_student_spec
+from tail_kd.monitor import Monitor
+from tail_kd.pair import load_models, plan_models
+from tail_kd.run_dir import DONE_MARKER, clear_output_dir, read_done
+from tail_kd.signals import StopFlag
+
+__all__ = ["set_up_run"]
+
+
+def set_up_run(recipe: Recipe, options, ctx: DistContext, stop_flag: StopFlag):
+    """The `Trainer` of this rank (module docstring), or None when there is nothing to do (a
+    finished run asked to `--resume`). `options`: the command line's `TrainOptions`."""
+    from tail_kd.distiller import Distiller, loss_function
+    from tail_kd.trainer import Trainer
+
+    check_deepspeed_config(recipe, ctx.world_size, ctx.device.type)  # bad `deepspeed:` keys
+    problem = vocab_parallel_problem(
+        recipe.parallel.vocab_parallel_size,
+        ranks_per_node=ctx.topology.local_world_size,
+        reference_loss=options.reference_loss,
+    )
+    if problem:
+        raise RecipeError(problem)
+    if not ctx.is_main:  # one set of progress bars per job
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    run_dir = Path(recipe.output_dir)
+    tensorboard_run = Path(recipe.log.tensorboard_dir) / recipe.run_name
+    done = read_done(run_dir)
+    if options.resume and done is not None and done["step"] >= recipe.train.steps:
+        if ctx.is_main:
+            print(f"{run_dir} finished at step {done['step']}: nothing to resume")
+        return None
+    if ctx.is_main:
+        if options.overwrite:
+            clear_output_dir(run_dir, tensorboard_run)
+        (run_dir / DONE_MARKER).unlink(missing_ok=True)  # resuming a run with more steps
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
+
+    plan = plan_models(recipe, ctx)
+    if ctx.is_main:  # what `tail-kd export` needs besides the weights
+        save_student_spec(
+            run_dir, plan.student_config, plan.student_tokenizer, plan.generation_config
+        )
+    with ctx.main_first():  # rank 0 tokenises into the shared cache; the others load it
+        train_set, eval_set = build_datasets(
+            recipe.data, plan.teacher_tokenizer, recipe.data.cache_dir, recipe.seed
+        )
+    loader = DistillationLoader(
+        train_set, recipe.train.micro_batch_size, ctx.rank, ctx.world_size, recipe.seed
+    )
+    teacher, student = load_models(recipe, plan, model_dtype(recipe.teacher.dtype, ctx.device.type))
+    loss_fn = loss_function(
+        recipe.loss, plan.vocab_size, ctx.device.type, reference=options.reference_loss
+    )
+    distiller = Distiller(
+        teacher, student, recipe=recipe, ctx=ctx, loss_fn=loss_fn, vocab_size=plan.vocab_size
+    )
+    checkpoints = CheckpointManager(run_dir, ctx, recipe.checkpoint.keep)
+    trainer = Trainer(
+        recipe=recipe,
+        ctx=ctx,
+        distiller=distiller,
+        loader=loader,
+        eval_set=eval_set,
+        checkpoints=checkpoints,
+        monitor=Monitor(ctx.is_main, tensorboard_run, recipe.train.steps),
+        stop_flag=stop_flag,
+        stop_after_steps=options.stop_after_steps,
+    )
+    latest = checkpoints.latest() if options.resume else None
+    if latest is not None:
+        trainer.resume(latest)
+    return trainer
