@@ -2,8 +2,8 @@
 # Shared logic of the slurm/*.sbatch scripts; sourced, never run. See slurm/README.md.
 #
 # A script calls, in this order:
-#   tkd_setup "$@"      RECIPE [tail-kd train args...] [--dry-run]: parse the arguments, activate
-#                       the venv, choose the device, set the rendezvous (MASTER_ADDR/PORT), the
+#   tkd_setup "$@"      RECIPE [tail-kd train args...] [--dry-run]: activate the venv, parse the
+#                       arguments, choose the device, set the rendezvous (MASTER_ADDR/PORT), the
 #                       output dir and --resume; fills the array TKD_TRAIN_ARGS (recipe first)
 #   tkd_launch CMD...   print the command, run it (unless dry run), pass a preemption signal on to
 #                       the ranks, and requeue the job if the trainer stopped early; exits
@@ -19,29 +19,36 @@
 #   TAIL_KD_SRUN_ARGS   extra srun options, e.g. "--cpu-bind=cores"
 #
 # Exit status of the job: 0 finished (DONE written); 0 after a successful requeue (the job runs
-# again); the trainer's status otherwise (tail_kd/train.py: 1 error, 2 bad input, 75 stopped
-# early and the requeue failed).
-
-# The trainer's contract (tail_kd/train.py, tail_kd/checkpoint.py).
-readonly TKD_EXIT_USAGE=2        # the recipe, command line, data or models cannot be used
-readonly TKD_EXIT_PREEMPTED=75   # stopped by a signal after a complete checkpoint (EX_TEMPFAIL)
-readonly TKD_DONE=DONE           # <output dir>/DONE: the run reached its last step
-# Published checkpoints are <output dir>/checkpoints/step-NNNNNNN/ with a COMPLETE file.
+# again); the trainer's status otherwise (tail_kd/exit_status.py: 1 error, 2 bad input, 75
+# stopped early and the requeue failed).
+#
+# The trainer's contract is asked of the package, never written again here:
+#   python -m tail_kd.exit_status                 TKD_EXIT_USAGE, TKD_EXIT_PREEMPTED, ...
+#   python -m tail_kd.cli status RUN_DIR --shell  TKD_RUN_STATE (new | in progress | finished)
+#                                                 and TKD_RUN_STEP (newest complete checkpoint)
+#   python -m tail_kd.rendezvous                  MASTER_ADDR, MASTER_PORT of the job
 
 tkd_log() { echo "[tail-kd $(date '+%F %T')] $*"; }
-tkd_die() { echo "[tail-kd] error: $*" >&2; exit "$TKD_EXIT_USAGE"; }
+# Until the package's statuses are loaded (no venv yet), an error is a plain failure (1).
+tkd_die() { echo "[tail-kd] error: $*" >&2; exit "${TKD_EXIT_USAGE:-1}"; }
+
+# Run the package's `python -m MODULE ARGS...` and evaluate the NAME=value lines it prints.
+tkd_ask() {
+  local lines
+  lines=$(python -m "$@") || tkd_die "\`python -m $*\` failed: is tail-kd installed for $(command -v python)? (TAIL_KD_VENV)"
+  eval "$lines"
+}
 
 # ---------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------
 
-# TKD_RECIPE, TKD_TRAIN_ARGS (train options without the recipe), TKD_DRY_RUN.
+# TKD_RECIPE and TKD_TRAIN_ARGS (train options without the recipe and --dry-run).
 tkd_parse_args() {
-  TKD_DRY_RUN=${TAIL_KD_DRY_RUN:-0}
   TKD_TRAIN_ARGS=()
   local arg
   for arg in "$@"; do
-    if [ "$arg" = --dry-run ]; then TKD_DRY_RUN=1; else TKD_TRAIN_ARGS+=("$arg"); fi
+    [ "$arg" = --dry-run ] || TKD_TRAIN_ARGS+=("$arg")
   done
   if [ "${#TKD_TRAIN_ARGS[@]}" = 0 ] || [[ ${TKD_TRAIN_ARGS[0]} == -* ]]; then
     tkd_die "usage: sbatch slurm/<script>.sbatch RECIPE.yaml [tail-kd train args...] [--dry-run]"
@@ -124,32 +131,10 @@ tkd_threads() {
   fi
 }
 
-# Address of the first node of the job: its name when it resolves, else the NodeAddr Slurm has
-# for it (clusters whose node names are not in DNS, or several slurmd emulating nodes on a host).
-tkd_first_node_addr() {
-  local first addr
-  first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-  if getent hosts "$first" >/dev/null 2>&1; then
-    echo "$first"
-    return
-  fi
-  addr=$(scontrol show node "$first" | grep -o 'NodeAddr=[^ ]*' | head -n 1 | cut -d= -f2)
-  [ -n "$addr" ] || tkd_die "node $first does not resolve and scontrol shows no NodeAddr; set MASTER_ADDR"
-  echo "$addr"
-}
-
-# MASTER_ADDR/MASTER_PORT for torch.distributed, the same on every node without talking: the
-# first node, and a port from the job id (as tail_kd/distributed.py derives it). Set either
-# before sbatch to override.
+# MASTER_ADDR/MASTER_PORT for torch.distributed, the same on every node without talking
+# (tail_kd/rendezvous.py). Set either before sbatch to override.
 tkd_rendezvous() {
-  if [ -z "${MASTER_ADDR:-}" ]; then
-    if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-      MASTER_ADDR=$(tkd_first_node_addr)
-    else
-      MASTER_ADDR=127.0.0.1
-    fi
-  fi
-  MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+  tkd_ask tail_kd.rendezvous
   export MASTER_ADDR MASTER_PORT
 }
 
@@ -183,37 +168,16 @@ tkd_output_dir() {
   fi
 }
 
-# The step of the newest complete checkpoint in the output dir (0 if none).
-tkd_latest_checkpoint_step() {
-  local marker step=0
-  for marker in "$TKD_OUTPUT_DIR"/checkpoints/step-*/COMPLETE; do
-    [ -f "$marker" ] || continue
-    marker=${marker%/COMPLETE}
-    marker=$((10#${marker##*/step-}))
-    [ "$marker" -gt "$step" ] && step=$marker
-  done
-  echo "$step"
-}
-
-# Adds --resume (unless the arguments say --resume or --overwrite) when
-#   - this is a requeued run of the job (SLURM_RESTART_COUNT > 0), or
-#   - --output-dir names a directory holding a complete checkpoint: a new job continuing a run.
-# A fresh job's own output dir (<recipe>-<job id>) is never resumed: checkpoints there belong to
-# an older job with the same id (after a cluster reset), and the trainer refuses the directory.
-# A requeued run drops --overwrite: repeating it would delete the checkpoint it must continue from.
+# Adds --resume (unless the arguments say --resume or --overwrite) when --output-dir names a
+# directory that holds a run (`tail-kd status`): a new job continuing that run. A fresh job's own
+# output dir (<recipe>-<job id>) is never resumed: a run there belongs to an older job with the
+# same id (after a cluster reset), and the trainer refuses the directory. A requeued run of this
+# job resumes by itself, --overwrite or not: the trainer reads SLURM_RESTART_COUNT.
 tkd_resume_args() {
-  local restarts=${SLURM_RESTART_COUNT:-0} args=() i
-  if [ "$restarts" -gt 0 ] && tkd_has_arg --overwrite; then
-    tkd_log "restart $restarts: dropping --overwrite, resuming instead"
-    for ((i = 0; i < ${#TKD_TRAIN_ARGS[@]}; i++)); do
-      [ "${TKD_TRAIN_ARGS[i]}" = --overwrite ] || args+=("${TKD_TRAIN_ARGS[i]}")
-    done
-    TKD_TRAIN_ARGS=("${args[@]}")
-  fi
-  TKD_START_STEP=$(tkd_latest_checkpoint_step)
+  tkd_ask tail_kd.cli status "$TKD_OUTPUT_DIR" --shell
+  TKD_START_STEP=$TKD_RUN_STEP
   if tkd_has_arg --resume || tkd_has_arg --overwrite; then return; fi
-  if [ "$restarts" -gt 0 ] || { [ "$TKD_OUTPUT_DIR_GIVEN" = 1 ] && [ "$TKD_START_STEP" -gt 0 ]; }
-  then
+  if [ "$TKD_OUTPUT_DIR_GIVEN" = 1 ] && [ "$TKD_RUN_STATE" != new ]; then
     TKD_TRAIN_ARGS+=(--resume)
   fi
 }
@@ -225,10 +189,13 @@ tkd_resume_args() {
 tkd_setup() {
   trap tkd_on_usr1 USR1  # from the start: a signal during set-up must not kill the batch shell
   trap tkd_on_term TERM
-  tkd_parse_args "$@"
   tkd_log "job ${SLURM_JOB_ID:-(not in Slurm)}, restart ${SLURM_RESTART_COUNT:-0}," \
           "nodes ${SLURM_JOB_NODELIST:-$(hostname -s)}, working directory $PWD"
+  TKD_DRY_RUN=${TAIL_KD_DRY_RUN:-0}
+  case " $* " in *" --dry-run "*) TKD_DRY_RUN=1 ;; esac
   tkd_activate_venv
+  tkd_ask tail_kd.exit_status
+  tkd_parse_args "$@"
   tkd_device
   tkd_threads
   tkd_rendezvous
@@ -349,8 +316,9 @@ tkd_launch() {
 
 tkd_finish() {
   local status=$1 step
-  step=$(tkd_latest_checkpoint_step)
-  if [ -f "$TKD_OUTPUT_DIR/$TKD_DONE" ]; then
+  tkd_ask tail_kd.cli status "$TKD_OUTPUT_DIR" --shell
+  step=$TKD_RUN_STEP
+  if [ "$TKD_RUN_STATE" = finished ]; then
     # DONE is written after the last step's checkpoint; a rank that aborts at interpreter exit
     # afterwards (rare, seen with gloo) does not undo a finished run.
     [ "$status" = 0 ] || tkd_log "warning: the launch exited with $status after the run finished"

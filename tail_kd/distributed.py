@@ -10,10 +10,9 @@ One training script serves every way of starting it:
                                     STEP_TASKS_PER_NODE, NODEID, JOB_ID)
     nothing                         nothing: a single process
 
-`discover_topology` turns any of these into a `Topology`; for srun the rendezvous address is the
-first node of the step (resolved through `scontrol show node` when node names do not resolve, as
-on clusters whose node names are not in DNS) and the port is derived from the job id, so every
-task computes the same pair without talking to the others.
+`discover_topology` turns any of these into a `Topology`; for srun the rendezvous is the first
+node of the step and a port derived from the job id (tail_kd/rendezvous.py), so every task
+computes the same pair without talking to the others.
 
 `init_distributed` then picks the device (cpu: DeepSpeed's CPU accelerator and gloo; cuda: nccl)
 and joins the process group through `deepspeed.init_distributed`.
@@ -35,7 +34,6 @@ import contextlib
 import os
 import re
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -43,6 +41,8 @@ from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
+
+from tail_kd.rendezvous import slurm_rendezvous
 
 __all__ = [
     "Topology",
@@ -58,7 +58,6 @@ __all__ = [
 
 DEFAULT_TIMEOUT_MINUTES = 30
 TIMEOUT_SECONDS_VARIABLE = "TAIL_KD_COLLECTIVE_TIMEOUT"
-_SLURM_PORT_BASE, _SLURM_PORT_RANGE = 20000, 20000
 
 
 @dataclass(frozen=True)
@@ -133,11 +132,7 @@ def _inside_srun_step(env: Mapping[str, str]) -> bool:
 
 def _from_slurm_env(env: Mapping[str, str]) -> Topology:
     world_size = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
-    master_addr = env.get("MASTER_ADDR") or slurm_first_node_address(env["SLURM_STEP_NODELIST"])
-    if "MASTER_PORT" in env:
-        master_port = int(env["MASTER_PORT"])
-    else:
-        master_port = _SLURM_PORT_BASE + int(env["SLURM_JOB_ID"]) % _SLURM_PORT_RANGE
+    master_addr, master_port = slurm_rendezvous(env, env["SLURM_STEP_NODELIST"])
     return Topology(
         rank=int(env["SLURM_PROCID"]),
         local_rank=int(env.get("SLURM_LOCALID", 0)),
@@ -162,37 +157,6 @@ def _slurm_tasks_on_this_node(env: Mapping[str, str], world_size: int) -> int:
         counts += [int(match.group(1))] * int(match.group(2) or 1)
     node = int(env.get("SLURM_NODEID", 0))
     return counts[node] if node < len(counts) else counts[0]
-
-
-def slurm_first_node_address(nodelist: str) -> str:
-    """Address of the first node of a Slurm node list such as "gpu[07-09],gpu12".
-
-    The name is used when it resolves; otherwise `scontrol show node` gives the node's NodeAddr.
-    """
-    first = _scontrol(["show", "hostnames", nodelist]).split()[0]
-    try:
-        socket.gethostbyname(first)
-        return first
-    except OSError:
-        pass
-    match = re.search(r"\bNodeAddr=(\S+)", _scontrol(["show", "node", first]))
-    if match is None:
-        raise RuntimeError(
-            f"cannot resolve Slurm node {first!r} and `scontrol show node {first}` has no NodeAddr"
-        )
-    return match.group(1)
-
-
-def _scontrol(args: list[str]) -> str:
-    try:
-        return subprocess.run(
-            ["scontrol", *args], check=True, capture_output=True, text=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError) as error:
-        raise RuntimeError(
-            f"`scontrol {' '.join(args)}` failed ({error}); "
-            "set MASTER_ADDR to the first node's address"
-        ) from error
 
 
 def free_port() -> int:

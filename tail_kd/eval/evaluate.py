@@ -50,9 +50,7 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "load_eval_data",
-    "hidden_states",
-    "token_metrics",
-    "evaluate",
+    "Evaluator",
     "write_tensorboard",
     "main",
     "REPORTED",
@@ -90,10 +88,15 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def load_model(
-    reference: str, *, step: int | None = None, cache_dir: str = DEFAULT_CACHE, device: str = "cpu"
+    reference: str,
+    *,
+    step: int | None = None,
+    cache_dir: str = DEFAULT_CACHE,
+    gguf_file: str | None = None,
+    device: str = "cpu",
 ) -> LoadedModel:
-    """A run directory's student or the model a reference names (module docstring), in float32
-    on `device`."""
+    """A run directory's student or the model a reference names (module docstring; `gguf_file`
+    as a recipe's `teacher.gguf_file`), in float32 on `device`."""
     from transformers import AutoTokenizer, GenerationConfig
 
     from tail_kd.export import load_student
@@ -112,7 +115,7 @@ def load_model(
         return LoadedModel(model.to(device).eval(), tokenizer, str(run_dir), saved_step, recipe)
     if step is not None:
         raise EvalError(f"--step needs a training run directory; {reference} is not one")
-    folder = resolve_model_dir(resolve_reference(reference, cache_dir), cache_dir)
+    folder = resolve_model_dir(resolve_reference(reference, cache_dir), cache_dir, gguf_file)
     model = load_causal_lm(folder, torch.float32).to(device).eval()
     return LoadedModel(model, load_tokenizer(folder), reference)
 
@@ -240,113 +243,122 @@ def _batches(items: Sequence[dict], batch_size: int) -> Iterator[dict[str, torch
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def hidden_states(model: Any, items: Sequence[dict], batch_size: int = 8) -> list[torch.Tensor]:
-    """`model`'s final hidden states for each batch of `items`: a teacher's, computed once to
-    score several students (`token_metrics(..., teacher_hidden=...)`)."""
-    device = next(model.parameters()).device
-    return [
-        model.base_model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            use_cache=False,
-        ).last_hidden_state
-        for batch in _batches(items, batch_size)
-    ]
+class Evaluator:
+    """Scores models on one held-out set, optionally against one teacher, loading each thing once.
 
+    The teacher's final hidden states on the set are computed for the first model scored and
+    kept: every later model's KL then costs one teacher lm_head product per chunk of positions,
+    not a teacher forward (a study scores many students against one teacher). Maths problems are
+    generated once, for the largest count asked.
 
-@torch.no_grad()
-def token_metrics(
-    model: Any,
-    items: Sequence[dict[str, torch.Tensor]],
-    *,
-    teacher: Any = None,
-    teacher_hidden: Sequence[torch.Tensor] | None = None,
-    vocab_size: int | None = None,
-    batch_size: int = 8,
-    chunk_size: int = 128,
-    num_bins: int = NUM_BINS,
-) -> TokenMetrics:
-    """Score `items` with `model` (and `teacher`): final hidden states per batch, then logits for
-    `chunk_size` positions at a time (`score_hidden_states`). `teacher_hidden`, from
-    `hidden_states(teacher, items, batch_size)`, spares the teacher's forward passes."""
-    metrics = TokenMetrics(num_bins)
-    device = next(model.parameters()).device
-    for index, batch in enumerate(_batches(items, batch_size)):
-        batch = {key: value.to(device) for key, value in batch.items()}
-        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
-        t_hidden = None
-        if teacher is not None and teacher_hidden is not None:
-            t_hidden = teacher_hidden[index]
-        elif teacher is not None:
-            t_hidden = teacher.base_model(**inputs, use_cache=False).last_hidden_state
-        score_hidden_states(
-            metrics,
-            hidden,
-            model.get_output_embeddings(),
-            batch["labels"],
-            t_hidden,
-            None if teacher is None else teacher.get_output_embeddings(),
-            vocab_size=vocab_size,
-            chunk_size=chunk_size,
-        )
-    return metrics
+        evaluator = Evaluator(data, teacher)
+        report = evaluator.evaluate(student, gsm=64)   # the report `tail-kd eval` writes
 
+    Each model is scored with its final hidden states per batch of `batch_size` sequences, then
+    logits for `chunk_size` positions at a time (`score_hidden_states`), real tokens only.
+    """
 
-def evaluate(
-    student: LoadedModel,
-    data: EvalData,
-    *,
-    teacher: LoadedModel | None = None,
-    gsm: int = 0,
-    gsm_batch_size: int = 16,
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
-    chunk_size: int = 128,
-) -> dict[str, Any]:
-    """The report: metrics, reliability diagrams and, with `gsm`, the maths evaluation."""
-    start = time.perf_counter()
-    vocab_size = shared_vocab_size(student, teacher)
-    metrics = token_metrics(
-        student.model,
-        data.items,
-        teacher=None if teacher is None else teacher.model,
-        vocab_size=vocab_size,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-    )
-    scores = metrics.result()
-    report: dict[str, Any] = {
-        "model": student.source,
-        "step": student.step,
-        "teacher": None if teacher is None else teacher.source,
-        "data": {**data.description, "positions": scores.pop("positions")},
-        "vocab_size": vocab_size,
-        "num_bins": metrics.num_bins,
-        "metrics": scores,
-        "reliability": metrics.diagrams(),
-    }
-    if gsm:
-        seed, train_examples = _gsm_settings(data.recipe)
-        problems = held_out_problems(gsm, seed, train_examples)
-        result = maths_accuracy(
-            student.model,
-            student.tokenizer,
-            problems,
-            batch_size=gsm_batch_size,
-            max_new_tokens=max_new_tokens,
-        )
-        scores["gsm_accuracy"] = result["accuracy"]
-        scores["gsm_strict_accuracy"] = result["strict_accuracy"]
-        report["gsm"] = {
-            "seed": seed,
-            "excluded_train_examples": train_examples,
-            "max_new_tokens": max_new_tokens,
-            **result,
+    def __init__(
+        self,
+        data: EvalData,
+        teacher: LoadedModel | None = None,
+        *,
+        batch_size: int = 8,
+        chunk_size: int = 128,
+        gsm_batch_size: int = 16,
+        max_new_tokens: int = 256,
+    ):
+        self.data = data
+        self.teacher = teacher
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.gsm_batch_size = gsm_batch_size
+        self.max_new_tokens = max_new_tokens
+        self._teacher_hidden: list[torch.Tensor] | None = None
+        self._problems: list[tuple[str, str]] = []
+
+    def evaluate(self, model: LoadedModel, *, gsm: int = 0) -> dict[str, Any]:
+        """The report: metrics, reliability diagrams and, with `gsm` problems, maths accuracy."""
+        start = time.perf_counter()
+        vocab_size = shared_vocab_size(model, self.teacher)
+        metrics = self.token_metrics(model.model, vocab_size)
+        scores = metrics.result()
+        report: dict[str, Any] = {
+            "model": model.source,
+            "step": model.step,
+            "teacher": None if self.teacher is None else self.teacher.source,
+            "data": {**self.data.description, "positions": scores.pop("positions")},
+            "vocab_size": vocab_size,
+            "num_bins": metrics.num_bins,
+            "metrics": scores,
+            "reliability": metrics.diagrams(),
         }
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    return report
+        if gsm:
+            seed, train_examples = _gsm_settings(self.data.recipe)
+            result = maths_accuracy(
+                model.model,
+                model.tokenizer,
+                self.problems(gsm),
+                batch_size=self.gsm_batch_size,
+                max_new_tokens=self.max_new_tokens,
+            )
+            scores["gsm_accuracy"] = result["accuracy"]
+            scores["gsm_strict_accuracy"] = result["strict_accuracy"]
+            report["gsm"] = {
+                "seed": seed,
+                "excluded_train_examples": train_examples,
+                "max_new_tokens": self.max_new_tokens,
+                **result,
+            }
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        return report
+
+    @torch.no_grad()
+    def token_metrics(self, model: Any, vocab_size: int | None) -> TokenMetrics:
+        """`model`'s token metrics on the set (and against the teacher, if any)."""
+        metrics = TokenMetrics(NUM_BINS)
+        device = next(model.parameters()).device
+        teacher_hidden = self.teacher_hidden()
+        for index, batch in enumerate(_batches(self.data.items, self.batch_size)):
+            score_hidden_states(
+                metrics,
+                _final_hidden(model, batch, device),
+                model.get_output_embeddings(),
+                batch["labels"].to(device),
+                None if teacher_hidden is None else teacher_hidden[index].to(device),
+                None if self.teacher is None else self.teacher.model.get_output_embeddings(),
+                vocab_size=vocab_size,
+                chunk_size=self.chunk_size,
+            )
+        return metrics
+
+    def teacher_hidden(self) -> list[torch.Tensor] | None:
+        """The teacher's final hidden states per batch of the set, computed on first use."""
+        if self.teacher is not None and self._teacher_hidden is None:
+            model = self.teacher.model
+            device = next(model.parameters()).device
+            with torch.no_grad():
+                self._teacher_hidden = [  # in host memory: the device's is for the models
+                    _final_hidden(model, batch, device).cpu()
+                    for batch in _batches(self.data.items, self.batch_size)
+                ]
+        return self._teacher_hidden
+
+    def problems(self, count: int) -> list[tuple[str, str]]:
+        """The first `count` held-out maths problems of the largest set asked for so far
+        (`held_out_problems`, generated once per larger count)."""
+        if count > len(self._problems):
+            seed, train_examples = _gsm_settings(self.data.recipe)
+            self._problems = held_out_problems(count, seed, train_examples)
+        return self._problems[:count]
+
+
+def _final_hidden(model: Any, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
+    return model.base_model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        use_cache=False,
+    ).last_hidden_state
 
 
 def _gsm_settings(recipe: Any) -> tuple[int, int | None]:
@@ -443,16 +455,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             seq_len=args.seq_len,
             max_examples=args.max_examples,
         )
-        report = evaluate(
-            student,
+        evaluator = Evaluator(
             data,
-            teacher=teacher,
-            gsm=args.gsm,
-            gsm_batch_size=args.gsm_batch_size,
-            max_new_tokens=args.max_new_tokens,
+            teacher,
             batch_size=args.batch_size,
             chunk_size=args.chunk_size,
+            gsm_batch_size=args.gsm_batch_size,
+            max_new_tokens=args.max_new_tokens,
         )
+        report = evaluator.evaluate(student, gsm=args.gsm)
     except (EvalError, RecipeError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
