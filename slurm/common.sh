@@ -122,6 +122,34 @@ tkd_device() {
   esac
 }
 
+# `tail-kd prepare-data RECIPE --check` (with the job's --set flags) checks the recipe and asks
+# whether everything the ranks would download or build is in the caches already. If so, the job
+# runs offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1; unless you set them): compute nodes often
+# have no network, and every rank of every node downloading the teacher is slow where they do.
+# If not, it says so and runs online. A recipe the check refuses fails the job here (status 2).
+tkd_offline_if_prepared() {
+  local sets=() i args=("${TKD_TRAIN_ARGS[@]}") status=0 report
+  for ((i = 0; i < ${#args[@]}; i++)); do
+    case ${args[i]} in
+      --set) sets+=(--set "${args[i + 1]:-}"); i=$((i + 1)) ;;
+      --set=*) sets+=("${args[i]}") ;;
+    esac
+  done
+  report=$(python -m tail_kd.cli prepare-data "$TKD_RECIPE" "${sets[@]}" --check 2>&1) || status=$?
+  if [ "$status" = "$TKD_EXIT_USAGE" ]; then
+    echo "$report" >&2
+    tkd_die "the recipe cannot be used (above)"
+  elif [ "$status" = 0 ]; then
+    export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
+    tkd_log "caches ready (tail-kd prepare-data --check): running offline"
+  else
+    tkd_log "warning: the caches are not ready, the ranks will download or build what is" \
+            "missing (compute nodes need the network for it); run \`tail-kd prepare-data" \
+            "$TKD_RECIPE ${sets[*]}\` on a login node first:"
+    echo "$report"
+  fi
+}
+
 # One OpenMP/MKL thread pool per rank sized to its CPUs (DeepSpeed's CPU Adam uses it with
 # optimizer offload). srun of Slurm 22.05-23.02 does not inherit --cpus-per-task: pass it on.
 tkd_threads() {
@@ -132,7 +160,8 @@ tkd_threads() {
 }
 
 # MASTER_ADDR/MASTER_PORT for torch.distributed, the same on every node without talking
-# (tail_kd/rendezvous.py). Set either before sbatch to override.
+# (tail_kd/rendezvous.py). Set TAIL_KD_MASTER_ADDR / TAIL_KD_MASTER_PORT before sbatch to choose;
+# a MASTER_ADDR inherited from the submitting shell is ignored (with a line in the log).
 tkd_rendezvous() {
   tkd_ask tail_kd.rendezvous
   export MASTER_ADDR MASTER_PORT
@@ -197,6 +226,7 @@ tkd_setup() {
   tkd_ask tail_kd.exit_status
   tkd_parse_args "$@"
   tkd_device
+  tkd_offline_if_prepared
   tkd_threads
   tkd_rendezvous
   tkd_output_dir

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from tail_kd.distributed import DistContext
+from tail_kd.exit_status import UsageError
 from tail_kd.run_dir import (
     CHECKPOINTS_DIR,
     COMPLETE_MARKER,
@@ -190,14 +191,17 @@ class CheckpointManager:
         trainer_state = checkpoint.trainer_state
         saved_world = trainer_state["world_size"]
         if saved_world != self.ctx.world_size:
-            raise RuntimeError(
+            raise UsageError(
                 f"{checkpoint.path} was written by {saved_world} ranks but this job has "
                 f"{self.ctx.world_size}: resume with {saved_world} ranks (ZeRO-3 shards are "
                 "per rank)"
             )
         load_path, _ = engine.load_checkpoint(str(checkpoint.path), tag=DEEPSPEED_TAG)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load {checkpoint.path / DEEPSPEED_TAG}")
+            raise UsageError(
+                f"DeepSpeed could not load {checkpoint.path / DEEPSPEED_TAG}: the checkpoint is "
+                "damaged; delete it to resume from the one before, or start over with --overwrite"
+            )
         return trainer_state, checkpoint.rank_state(self.ctx.rank)
 
     def _prune(self) -> None:

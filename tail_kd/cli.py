@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return eval_main(rest)
     if command == "prepare-data":
-        from tail_kd.data.prepare import main as prepare_main
+        from tail_kd.prepare import main as prepare_main
 
         return prepare_main(rest)
     if command == "plan":

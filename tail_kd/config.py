@@ -33,6 +33,8 @@ from typing import Any, Literal
 
 import yaml
 
+from tail_kd.exit_status import UsageError
+
 __all__ = [
     "RecipeError",
     "Recipe",
@@ -50,13 +52,14 @@ __all__ = [
     "load_recipe",
     "apply_overrides",
     "vocab_parallel_problem",
+    "default_cache_dir",
 ]
 
 # Data sources produced by a generator instead of read from files (see tail_kd/data/sources.py).
 GENERATED_SOURCES = ("gsm_symbolic",)
 
 
-class RecipeError(ValueError):
+class RecipeError(UsageError):
     """A recipe that cannot run; the message names the file, the field and what would fix it."""
 
 
@@ -286,7 +289,9 @@ class Recipe:
 
     run_name: str = "tail-kd"  # names the TensorBoard run; output_dir defaults to runs/<run_name>
     output_dir: str | None = None  # default: runs/<run_name>
-    # Shared caches (data, converted GGUF teachers); default: <output_dir>/../.cache.
+    # Shared caches (tokenised data, converted GGUF teachers, tiny models), independent of the
+    # output dir so that `tail-kd prepare-data` and every job of a recipe find the same one;
+    # default: $TAIL_KD_CACHE, else ~/.cache/tail_kd (`default_cache_dir`).
     cache_dir: str | None = None
     device: Literal["auto", "cuda", "cpu"] = "auto"  # cpu: DeepSpeed's CPU accelerator and gloo
     seed: int = _field(0, NON_NEGATIVE)
@@ -310,9 +315,7 @@ class Recipe:
         if self.output_dir is None:
             self.output_dir = os.path.join("runs", self.run_name)
         if self.cache_dir is None:
-            self.cache_dir = os.path.join(
-                os.path.dirname(os.path.normpath(self.output_dir)), ".cache"
-            )
+            self.cache_dir = default_cache_dir()
         if self.data.cache_dir is None:
             self.data.cache_dir = os.path.join(self.cache_dir, "data")
         if self.log.tensorboard_dir is None:
@@ -348,6 +351,15 @@ class Recipe:
         """Micro-batches each rank accumulates per optimizer step."""
         self.check_world_size(world_size)
         return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+
+
+def default_cache_dir() -> str:
+    """Where shared caches go when a recipe does not say: $TAIL_KD_CACHE, else ~/.cache/tail_kd.
+    On a cluster, point it at a filesystem every node sees (a job's ranks build into it under a
+    file lock: tail_kd/locks.py)."""
+    return os.environ.get("TAIL_KD_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "tail_kd"
+    )
 
 
 def vocab_parallel_problem(

@@ -143,6 +143,12 @@ def model_dtype(setting: str, device: str) -> torch.dtype:
 def student_config(recipe: Recipe, world_size: int, device: str) -> dict[str, Any]:
     """The student engine's DeepSpeed config: ZeRO-3, AdamW, clipping, batch split, precision.
 
+    In bf16 the gradients are accumulated over micro-batches in float32 (`data_types.
+    grad_accum_dtype`; DeepSpeed's default would be the model's bf16, which loses the small
+    contributions of later micro-batches). They are still reduce-scattered in bf16
+    (`communication_data_type`); set `deepspeed: {communication_data_type: fp32}` to reduce
+    in float32 too, at twice the bytes.
+
     The LR schedule is not here: `Distiller` passes DeepSpeed a warm-up + cosine LambdaLR.
     AdamW is torch's (`torch_adam`), which runs everywhere without compiling DeepSpeed's fused
     kernels; set `deepspeed: {optimizer: {params: {torch_adam: false}}}` for DeepSpeed's own
@@ -150,6 +156,7 @@ def student_config(recipe: Recipe, world_size: int, device: str) -> dict[str, An
     """
     check_deepspeed_overrides(recipe.deepspeed)
     train = recipe.train
+    bf16 = model_dtype(train.precision, device) == torch.bfloat16
     config = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -165,7 +172,8 @@ def student_config(recipe: Recipe, world_size: int, device: str) -> dict[str, An
                 "torch_adam": True,
             },
         },
-        "bf16": {"enabled": model_dtype(train.precision, device) == torch.bfloat16},
+        "bf16": {"enabled": bf16},
+        "data_types": {"grad_accum_dtype": "fp32"},
         "zero_optimization": {"stage": 3},
         "steps_per_print": 2**31 - 1,  # the trainer logs; silence DeepSpeed's own step lines
         "wall_clock_breakdown": False,

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 
 import deepspeed
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -29,24 +28,29 @@ from tail_kd.distributed import DistContext
 from tail_kd.eval.metrics import TokenMetrics, score_hidden_states
 from tail_kd.heads import HeadSource, LossFunction, lm_head, make_heads
 from tail_kd.losses import LossInputs, dense_distillation_loss, fused_distillation_loss
+from tail_kd.models import head_logits, logit_transform
+from tail_kd.pair import ModelPlan
 from tail_kd.optim import lr_scheduler, weight_decay_groups
 
 __all__ = ["loss_function", "TeacherHiddenStates", "StudentWithLoss", "Distiller"]
 
 
 def loss_function(
-    loss: LossConfig, vocab_size: int, device: str, *, reference: bool = False
+    loss: LossConfig, plan: ModelPlan, device: str, *, reference: bool = False
 ) -> LossFunction:
     """The recipe's loss as `fn(*LossInputs, group=None) -> DistillationLossOutput`: the fused
     loss (compiled on GPUs unless `loss.kernels` says otherwise), or with `reference=True` the
-    dense reference (full [tokens, V] logits: for checking and debugging only)."""
+    dense reference (full [tokens, V] logits: for checking and debugging only). The models'
+    vocabulary and logit post-processing come from their `plan`."""
     options = dict(
         divergence=loss.divergence,
         k=loss.k,
         beta=loss.beta,
         normalize=loss.normalize,
         ce_weight=loss.ce_weight,
-        vocab_size=vocab_size,
+        vocab_size=plan.vocab_size,
+        student_transform=logit_transform(plan.student_config),
+        teacher_transform=logit_transform(plan.teacher_config),
     )
     if reference:
         return functools.partial(dense_distillation_loss, **options)
@@ -176,24 +180,23 @@ class Distiller:
         """Add a held-out micro-batch to `metrics` (tail_kd.eval, the code `tail-kd eval` runs):
         both backbones' final hidden states, then logits for a few hundred positions at a time
         (`score_hidden_states`) from the whole lm_heads, gathered here whatever the head source,
-        real vocabulary rows only. Call it on every rank (ZeRO-3 gathers the weights of each
+        post-processed as each model does it (`head_logits`), real vocabulary rows only. Call it on every rank (ZeRO-3 gathers the weights of each
         module collectively); sum the ranks' `metrics.state()`."""
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
         teacher_hidden = self.teacher(input_ids, attention_mask)
-        student = self.student.module.student
+        student, teacher = self.student.module.student, self.teacher.module.model
         hidden = student.base_model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
-        heads = [lm_head(student), lm_head(self.teacher.module.model)]
+        heads = [lm_head(student), lm_head(teacher)]
         with deepspeed.zero.GatheredParameters(heads):  # read-only: no modifier_rank
-            student_weight, teacher_weight = (head.data for head in heads)
             score_hidden_states(
                 metrics,
                 hidden,
-                lambda h: F.linear(h, student_weight),
+                lambda h: head_logits(student, h),
                 batch["labels"].to(self.device),
                 teacher_hidden,
-                lambda h: F.linear(h, teacher_weight),
+                lambda h: head_logits(teacher, h),
                 vocab_size=self.vocab_size,
             )

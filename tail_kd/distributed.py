@@ -37,17 +37,17 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
 
+from tail_kd.exit_status import UsageError
 from tail_kd.rendezvous import slurm_rendezvous
 
 __all__ = [
     "Topology",
     "DistContext",
-    "MainProcessFailed",
     "collective_failure",
     "collective_timeout",
     "discover_topology",
@@ -100,7 +100,7 @@ def discover_topology(
     if _inside_srun_step(env):
         return _from_slurm_env(env)
     if int(env.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError(
+        raise UsageError(
             "WORLD_SIZE > 1 but RANK is not set: start the job through deepspeed, torchrun or srun"
         )
     return Topology(0, local_rank or 0, 1, 1, "127.0.0.1", free_port(), "single")
@@ -111,7 +111,7 @@ def _from_torch_env(env: Mapping[str, str], local_rank: int | None) -> Topology:
     local_world_size = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world_size)
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in env]
     if missing and world_size > 1:
-        raise RuntimeError(
+        raise UsageError(
             f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not: set it or use a launcher"
         )
     return Topology(
@@ -171,16 +171,12 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise UsageError(
             "device: cuda was requested but no GPU is visible; use --set device=cpu (or auto)"
         )
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     return device
-
-
-class MainProcessFailed(RuntimeError):
-    """Rank 0 failed inside `DistContext.main_first`; it reports the cause."""
 
 
 @dataclass(frozen=True)
@@ -230,34 +226,14 @@ class DistContext:
         dist.broadcast_object_list(box, src=0, device=self.device)
         return box[0]
 
-    @contextlib.contextmanager
-    def main_first(self) -> Iterator[None]:
-        """Run the block on rank 0 first, then on the others (who then find rank 0's cached result).
-
-        Use it for work that fills a shared cache: converting a GGUF teacher, tokenising a dataset.
-        If the block fails on rank 0, the other ranks raise `MainProcessFailed` instead of waiting.
-        """
-        if self.is_main:
-            try:
-                yield
-            except BaseException:
-                self.broadcast(False)
-                raise
-            self.broadcast(True)
-        else:
-            if not self.broadcast(None):
-                raise MainProcessFailed(
-                    "rank 0 failed in a step the other ranks wait for (its error is above)"
-                )
-            yield
-
 
 def init_distributed(device: str, topology: Topology | None = None) -> DistContext:
     """Join the job's process group; call it before anything imports DeepSpeed's accelerator.
 
     cpu: sets DS_ACCELERATOR=cpu (DeepSpeed reads it once, at import) and uses gloo; unless
     OMP_NUM_THREADS says otherwise, the cores are shared evenly between this node's ranks.
-    cuda: binds the process to GPU `local_rank` and uses nccl.
+    cuda: binds the process to its GPU (`cuda_device_index`: its local rank, or the one GPU a
+    site's binding shows it), checks that no two ranks share a GPU, and uses nccl.
     """
     topology = topology or discover_topology()
     device = resolve_device(device)
@@ -267,7 +243,7 @@ def init_distributed(device: str, topology: Topology | None = None) -> DistConte
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // topology.local_world_size))
     else:
-        torch.cuda.set_device(topology.local_rank)
+        torch.cuda.set_device(cuda_device_index(topology, torch.cuda.device_count()))
     _check_accelerator(device)
 
     import deepspeed
@@ -281,9 +257,53 @@ def init_distributed(device: str, topology: Topology | None = None) -> DistConte
     if device == "cpu":
         _unlink_shared_memory_name(topology)
     torch_device = (
-        torch.device("cpu") if device == "cpu" else torch.device("cuda", topology.local_rank)
+        torch.device("cpu")
+        if device == "cpu"
+        else torch.device("cuda", torch.cuda.current_device())
     )
-    return DistContext(topology, torch_device)
+    ctx = DistContext(topology, torch_device)
+    if device == "cuda":
+        _check_one_gpu_per_rank(ctx)
+    return ctx
+
+
+def cuda_device_index(topology: Topology, visible: int) -> int:
+    """The GPU a rank uses among the `visible` ones.
+
+    Launchers that show every rank all of the node's GPUs (torchrun, the DeepSpeed launcher,
+    srun without binding): the rank's local rank. Sites that bind one GPU per task
+    (`--gpus-per-task=1`, `--gpu-bind=closest`) show each task only its own, as device 0.
+    Fewer visible GPUs than local ranks otherwise is an error that says so.
+    """
+    if visible >= topology.local_world_size:
+        return topology.local_rank
+    if visible == 1:
+        return 0
+    raise UsageError(
+        f"{topology.local_world_size} ranks on this node but rank {topology.rank} sees {visible} "
+        f"GPUs (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start "
+        "one rank per GPU (srun --ntasks-per-node = GPUs per node, or --gpus-per-task=1)"
+    )
+
+
+def _check_one_gpu_per_rank(ctx: DistContext) -> None:
+    """Ranks that ended up on the same GPU (more ranks than GPUs on a node) are an error."""
+    me = (socket.gethostname(), str(torch.cuda.get_device_properties(ctx.device).uuid))
+    shared = shared_devices(ctx.all_gather(me))
+    if shared:
+        (host, uuid), ranks = next(iter(shared.items()))
+        raise UsageError(
+            f"ranks {ranks} share GPU {uuid} on {host}: start one rank per GPU (more ranks were "
+            "started on that node than it has GPUs)"
+        )
+
+
+def shared_devices(devices: list[tuple[str, str]]) -> dict[tuple[str, str], list[int]]:
+    """{(host, device id): ranks} for the devices of `devices` (one per rank) used twice or more."""
+    ranks: dict[tuple[str, str], list[int]] = {}
+    for rank, device in enumerate(devices):
+        ranks.setdefault(tuple(device), []).append(rank)
+    return {device: used_by for device, used_by in ranks.items() if len(used_by) > 1}
 
 
 def _unlink_shared_memory_name(topology: Topology) -> None:
@@ -316,13 +336,13 @@ def collective_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
         else:
             seconds = 60 * int(env.get("DEEPSPEED_TIMEOUT") or DEFAULT_TIMEOUT_MINUTES)
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"{TIMEOUT_SECONDS_VARIABLE} must be a number of seconds and DEEPSPEED_TIMEOUT a whole "
             f"number of minutes; got {env.get(TIMEOUT_SECONDS_VARIABLE)!r} and "
             f"{env.get('DEEPSPEED_TIMEOUT')!r}"
         ) from None
     if seconds <= 0:
-        raise ValueError(f"the collective timeout must be positive, got {seconds} s")
+        raise UsageError(f"the collective timeout must be positive, got {seconds} s")
     return timedelta(seconds=seconds)
 
 
@@ -348,7 +368,7 @@ def _check_accelerator(device: str) -> None:
 
     name = get_accelerator().device_name()
     if name != device:
-        raise RuntimeError(
+        raise UsageError(
             f"DeepSpeed was imported with the {name!r} accelerator before device={device!r} was "
             f"chosen; set DS_ACCELERATOR={device} in the environment or import DeepSpeed only "
             "after init_distributed"

@@ -15,6 +15,12 @@ and with the shell scripts, which read them with `eval "$(python -m tail_kd.exit
         rerun with `--resume` to continue (75 is EX_TEMPFAIL, "try again later")
 """
 
+
+class UsageError(ValueError):
+    """Input that cannot be used (recipe, command line, environment, data, models, run dir): the
+    message says what to change. Every command prints it on one line and exits with EXIT_USAGE."""
+
+
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_RANK_LOST = 4

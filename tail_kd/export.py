@@ -33,6 +33,8 @@ from transformers import (
 )
 
 from tail_kd.checkpoint import DEEPSPEED_TAG
+from tail_kd.exit_status import EXIT_USAGE, UsageError
+from tail_kd.models.cache import apply_umask
 from tail_kd.run_dir import STUDENT_DIR, find_checkpoint
 
 __all__ = ["WRAPPER_PREFIX", "save_student_spec", "load_student", "export", "main"]
@@ -71,7 +73,7 @@ def load_student(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise RuntimeError(
+        raise UsageError(
             f"{checkpoint.path} does not match the student config in {spec}: {error}"
         ) from None
     return model, checkpoint.step
@@ -98,6 +100,7 @@ def export(
     AutoTokenizer.from_pretrained(spec).save_pretrained(tmp)
     if (spec / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(spec).save_pretrained(tmp)
+    apply_umask(tmp)
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above
     os.replace(tmp, out_dir)
@@ -118,9 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         export(args.run_dir, args.out_dir, step=args.step, dtype=getattr(torch, args.dtype))
-    except (FileNotFoundError, FileExistsError) as error:
+    except (UsageError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
 
 

@@ -13,8 +13,10 @@ the sum of:
                            offload_param as well, only the largest layer.
     teacher parameters     d_t P_t / N (0 with offload_param) + d_t x its largest layer (gathered)
     lm_heads               both gathered whole while the loss runs, and the student's lm_head
-                           gradient that the fused loss forms in the forward:
-                           V (2 d H_s + d_t H_t), with V / P rows for parallel.vocab_parallel_size P
+                           gradient that the fused loss forms in the forward, summed in float32
+                           and returned in the training dtype (both alive for a moment):
+                           V ((d + g) H_s + d_t H_t), g = 4 + d if d < 4 else 4,
+                           with V / P rows for parallel.vocab_parallel_size P
     loss chunk             c V e (V / P rows): c = min(loss.chunk_size, b T) tokens of logits and their
                            gradient, e bytes per logit as measured by tools/bench_loss.py
                            (BENCHMARKS.md): 3 d + 1 with compiled kernels, 48 eager
@@ -51,12 +53,12 @@ import torch
 
 from tail_kd.config import (
     Recipe,
-    RecipeError,
     add_override_argument,
     load_recipe,
     vocab_parallel_problem,
 )
 from tail_kd.deepspeed_config import model_dtype, offloaded, student_config
+from tail_kd.exit_status import EXIT_USAGE, UsageError
 
 __all__ = [
     "ModelShape",
@@ -193,7 +195,7 @@ def estimate(
     parts = {
         "student_model_states": student_states,
         "teacher_parameters": teacher_params + d_t * teacher.largest_layer,
-        "lm_heads": rows * (2 * d * student.hidden + d_t * teacher.hidden),
+        "lm_heads": rows * ((d + _gradient_bytes(d)) * student.hidden + d_t * teacher.hidden),
         "loss_chunk": min(setup.loss_chunk, tokens) * rows * per_logit,
         "student_activations": student_acts,
         "teacher_activations": tokens
@@ -205,6 +207,12 @@ def estimate(
     )
     parts["total"] = subtotal + parts["overhead"]
     return parts
+
+
+def _gradient_bytes(d: int) -> int:
+    """Bytes per element of the fused loss's lm_head gradient at its peak: the float32 sum, and
+    its copy in the training dtype when that is narrower."""
+    return 4 + d if d < 4 else 4
 
 
 def host_bytes_per_node(student: ModelShape, teacher: ModelShape, setup: Setup) -> int:
@@ -298,9 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tail_kd.pair import model_configs
 
         _, teacher_config, student_config = model_configs(recipe)
-    except (RecipeError, FileNotFoundError, OSError) as error:
+    except (UsageError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     plan = make_plan(
         model_shape(student_config), model_shape(teacher_config), setup, memory_gib * GIB
     )

@@ -15,7 +15,6 @@ Model references a recipe may use beyond `tail_kd.models.resolve_model_dir`'s:
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import random
 from dataclasses import dataclass
@@ -33,10 +32,10 @@ from transformers import (
 )
 
 from tail_kd.config import Recipe, RecipeError
-from tail_kd.distributed import DistContext
 from tail_kd.models import (
     VocabularyMismatchError,
     build_tiny_pair,
+    check_logits_reproduced,
     check_vocabularies,
     derive_student_config,
     init_from_teacher,
@@ -79,22 +78,20 @@ class ModelPlan:
     vocab_size: int  # leading token ids shared by both models: the loss's vocabulary
 
 
-def model_configs(
-    recipe: Recipe, ctx: DistContext | None = None
-) -> tuple[str, PretrainedConfig, PretrainedConfig]:
+def model_configs(recipe: Recipe) -> tuple[str, PretrainedConfig, PretrainedConfig]:
     """(teacher folder, teacher config, student config): the models' shapes, without tokenizers
     or weights (what `tail-kd plan` needs).
 
-    With a `ctx`, rank 0 resolves the teacher first (converting a GGUF file or building the tiny
-    teacher into the cache) and the other ranks then reuse its result.
+    Resolving the teacher may build something into the cache (a GGUF file converted, the tiny
+    teacher): the first process to get there builds it under a file lock, the others wait for it
+    and reuse it (tail_kd/models/cache.py), whatever their rank.
     """
     t_cfg, s_cfg = recipe.teacher, recipe.student
-    with ctx.main_first() if ctx is not None else contextlib.nullcontext():
-        reference = resolve_reference(t_cfg.path, recipe.cache_dir)
-        try:
-            teacher_dir = resolve_model_dir(reference, recipe.cache_dir, t_cfg.gguf_file)
-        except ValueError as error:  # e.g. an unreadable GGUF file
-            raise RecipeError(f"teacher.path: {error}") from None
+    reference = resolve_reference(t_cfg.path, recipe.cache_dir)
+    try:
+        teacher_dir = resolve_model_dir(reference, recipe.cache_dir, t_cfg.gguf_file)
+    except ValueError as error:  # e.g. an unreadable GGUF file
+        raise RecipeError(f"teacher.path: {error}") from None
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
     if s_cfg.init != "derived":
         return teacher_dir, teacher_config, AutoConfig.from_pretrained(s_cfg.path)
@@ -112,11 +109,11 @@ def model_configs(
     return teacher_dir, teacher_config, student_config
 
 
-def plan_models(recipe: Recipe, ctx: DistContext | None = None) -> ModelPlan:
+def plan_models(recipe: Recipe) -> ModelPlan:
     """Resolve the teacher, read configs and tokenizers, check the student's dimensions and the
     vocabularies: every model error surfaces before any weight is loaded (`model_configs`, then
     the tokenizers)."""
-    teacher_dir, teacher_config, student_config = model_configs(recipe, ctx)
+    teacher_dir, teacher_config, student_config = model_configs(recipe)
     teacher_tokenizer = load_tokenizer(teacher_dir)
     if recipe.student.init == "derived":
         student_tokenizer, generation_config = teacher_tokenizer, _generation_config(teacher_dir)
@@ -167,7 +164,8 @@ def load_models(
     it to bf16 when the recipe trains in bf16).
 
     The student is built with the recipe's seed, identically on every rank: ZeRO-3 keeps each
-    rank's slice of its own copy.
+    rank's slice of its own copy. Both are checked to compute their logits the way the loss
+    does (`check_logits_reproduced`), so that a family the loss would get wrong is refused.
     """
     teacher = load_causal_lm(plan.teacher_dir, teacher_dtype)
     _seed_everything(recipe.seed)
@@ -179,7 +177,10 @@ def load_models(
         student = AutoModelForCausalLM.from_config(plan.student_config)
     else:
         student = load_causal_lm(s_cfg.path, torch.float32)
-    return teacher, student.float()
+    student = student.float()
+    check_logits_reproduced(teacher, "teacher")
+    check_logits_reproduced(student, "student")
+    return teacher, student
 
 
 def _tokenizer_of(path: str, fallback: Any) -> Any:

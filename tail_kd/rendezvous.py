@@ -4,10 +4,15 @@ every task works out alone, without talking to the others.
     address   the first node of the job (or of the job step): its name when it resolves, else
               the NodeAddr Slurm has for it (clusters whose node names are not in DNS, or several
               slurmd emulating nodes on one host)
-    port      PORT_BASE + job id mod PORT_RANGE, the same for every task of the job
+    port      PORT_BASE + job id mod PORT_RANGE, the same for every task of the job: 20000 to
+              29999, below Linux's default range of ephemeral ports (32768 to 60999), from which
+              the kernel hands out ports to outgoing connections that could hold ours
 
-MASTER_ADDR / MASTER_PORT in the environment win. `tail_kd.distributed` uses this for ranks
-started by srun; the batch scripts (slurm/common.sh) for the DeepSpeed launcher, through
+TAIL_KD_MASTER_ADDR / TAIL_KD_MASTER_PORT override them. MASTER_ADDR / MASTER_PORT do not: sbatch
+passes the submitting shell's environment to the job, and a MASTER_ADDR=127.0.0.1 left there by
+an earlier torchrun would make a multi-node job hang; one that differs is reported and ignored.
+`tail_kd.distributed` uses this for ranks started by srun; the batch scripts (slurm/common.sh)
+for the DeepSpeed launcher, through
 
     python -m tail_kd.rendezvous      # prints MASTER_ADDR=... and MASTER_PORT=... for `eval`
 
@@ -24,16 +29,30 @@ import subprocess
 import sys
 from collections.abc import Mapping
 
+from tail_kd.exit_status import EXIT_USAGE, UsageError
+
 __all__ = ["PORT_BASE", "PORT_RANGE", "slurm_rendezvous", "first_node_address", "main"]
 
-PORT_BASE, PORT_RANGE = 20000, 20000
+PORT_BASE, PORT_RANGE = 20000, 10000
 
 
 def slurm_rendezvous(env: Mapping[str, str], nodelist: str | None) -> tuple[str, int]:
     """(address, port) of a Slurm job's rendezvous; `nodelist` the job's or step's node list
     (127.0.0.1 without one, outside Slurm)."""
-    address = env.get("MASTER_ADDR") or (first_node_address(nodelist) if nodelist else "127.0.0.1")
-    port = int(env.get("MASTER_PORT") or PORT_BASE + int(env.get("SLURM_JOB_ID", 0)) % PORT_RANGE)
+    address = env.get("TAIL_KD_MASTER_ADDR") or (
+        first_node_address(nodelist) if nodelist else "127.0.0.1"
+    )
+    port = int(
+        env.get("TAIL_KD_MASTER_PORT") or PORT_BASE + int(env.get("SLURM_JOB_ID", 0)) % PORT_RANGE
+    )
+    inherited = (env.get("MASTER_ADDR"), env.get("MASTER_PORT"))
+    if inherited != (None, None) and inherited != (address, str(port)):
+        print(
+            f"tail-kd: ignoring MASTER_ADDR={inherited[0]} MASTER_PORT={inherited[1]} from the "
+            f"environment; this job meets at {address}:{port} (set TAIL_KD_MASTER_ADDR / "
+            "TAIL_KD_MASTER_PORT to choose)",
+            file=sys.stderr,
+        )
     return address, port
 
 
@@ -47,7 +66,7 @@ def first_node_address(nodelist: str) -> str:
         pass
     match = re.search(r"\bNodeAddr=(\S+)", _scontrol(["show", "node", first]))
     if match is None:
-        raise RuntimeError(
+        raise UsageError(
             f"cannot resolve Slurm node {first!r} and `scontrol show node {first}` has no NodeAddr"
         )
     return match.group(1)
@@ -59,7 +78,7 @@ def _scontrol(args: list[str]) -> str:
             ["scontrol", *args], check=True, capture_output=True, text=True
         ).stdout
     except (OSError, subprocess.CalledProcessError) as error:
-        raise RuntimeError(
+        raise UsageError(
             f"`scontrol {' '.join(args)}` failed ({error}); "
             "set MASTER_ADDR to the first node's address"
         ) from error
@@ -69,9 +88,9 @@ def main() -> int:
     """Print the job's rendezvous as shell assignments (the batch script's job node list)."""
     try:
         address, port = slurm_rendezvous(os.environ, os.environ.get("SLURM_JOB_NODELIST"))
-    except RuntimeError as error:
+    except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(f"MASTER_ADDR={shlex.quote(address)}\nMASTER_PORT={port}")
     return 0
 

@@ -3,10 +3,11 @@
 Order of work, cheapest checks first, so that bad input is reported before any weight loads:
 the DeepSpeed config (DeepSpeed's own schema) and the vocab-parallel rules; the output directory
 (`--resume` of a finished run has nothing to do, `--overwrite` clears the old run); the models'
-plan (`tail_kd.pair.plan_models`: the teacher resolved, rank 0 converting a GGUF file first, the
-student's config derived, the vocabularies checked); the data (tokenised by rank 0 into the shared
-cache, then loaded by the others); then the weights, the two DeepSpeed engines, the checkpoint
-manager and, with `--resume`, the newest complete checkpoint; last the monitor.
+plan (`tail_kd.pair.plan_models`: the teacher resolved, the student's config derived, the
+vocabularies checked); the data; then the weights, the two DeepSpeed engines, the checkpoint
+manager and, with `--resume`, the newest complete checkpoint. The caches (a converted GGUF
+teacher, the tokenised data) were filled by the entry point before the process group existed
+(tail_kd/train.py), so here they are only read.
 """
 
 from __future__ import annotations
@@ -61,22 +62,20 @@ def set_up_run(recipe: Recipe, options, ctx: DistContext, stop_flag: StopFlag):
         run_dir.mkdir(parents=True, exist_ok=True)
     ctx.barrier()
 
-    plan = plan_models(recipe, ctx)
+    plan = plan_models(recipe)
     if ctx.is_main:  # what `tail-kd export` needs besides the weights
         save_student_spec(
             run_dir, plan.student_config, plan.student_tokenizer, plan.generation_config
         )
-    with ctx.main_first():  # rank 0 tokenises into the shared cache; the others load it
-        train_set, eval_set = build_datasets(
-            recipe.data, plan.teacher_tokenizer, recipe.data.cache_dir, recipe.seed
-        )
+    # From the cache the entry point filled before the process group existed (tail_kd/train.py).
+    train_set, eval_set = build_datasets(
+        recipe.data, plan.teacher_tokenizer, recipe.data.cache_dir, recipe.seed
+    )
     loader = DistillationLoader(
         train_set, recipe.train.micro_batch_size, ctx.rank, ctx.world_size, recipe.seed
     )
     teacher, student = load_models(recipe, plan, model_dtype(recipe.teacher.dtype, ctx.device.type))
-    loss_fn = loss_function(
-        recipe.loss, plan.vocab_size, ctx.device.type, reference=options.reference_loss
-    )
+    loss_fn = loss_function(recipe.loss, plan, ctx.device.type, reference=options.reference_loss)
     distiller = Distiller(
         teacher, student, recipe=recipe, ctx=ctx, loss_fn=loss_fn, vocab_size=plan.vocab_size
     )

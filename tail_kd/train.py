@@ -6,7 +6,8 @@
     srun python -m tail_kd.train recipes/tiny/tad.yaml                       # ranks from SLURM_*
 
 This module is the entry point: it parses the command line into `TrainOptions`, checks the
-recipe, the batch split and the output directory before the process group is joined, then has
+recipe, the batch split and the output directory, fills the caches (`tail-kd prepare-data`'s work,
+a no-op when it was done ahead) before the process group is joined, then has
 `tail_kd.run_setup.set_up_run` build the run and `Trainer.train` run it, and maps what can go
 wrong to the exit statuses of tail_kd/exit_status.py. A run with `--resume` continues from the
 newest complete checkpoint of its output directory (or starts fresh when there is none, so a
@@ -29,15 +30,20 @@ from typing import Sequence
 
 from tail_kd.checkpoint import CheckpointWriteError
 from tail_kd.config import Recipe, RecipeError, add_override_argument, load_recipe
-from tail_kd.data import DataError
+from tail_kd.data.sources import DataError
 from tail_kd.distributed import (
-    MainProcessFailed,
     collective_failure,
     collective_timeout,
     discover_topology,
     init_distributed,
+    resolve_device,
 )
-from tail_kd.exit_status import EXIT_CHECKPOINT_WRITE, EXIT_RANK_LOST, EXIT_USAGE
+from tail_kd.exit_status import (
+    EXIT_CHECKPOINT_WRITE,
+    EXIT_RANK_LOST,
+    EXIT_USAGE,
+    UsageError,
+)
 from tail_kd.run_dir import check_output_dir, complete_checkpoints
 from tail_kd.signals import StopFlag
 
@@ -123,7 +129,7 @@ def load_options_recipe(options: TrainOptions) -> Recipe:
 
 
 # Errors in what the user gave (recipe, paths, data, models): a message, no traceback.
-_INPUT_ERRORS = (RecipeError, DataError, FileNotFoundError)
+_INPUT_ERRORS = (UsageError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,15 +141,11 @@ def run(options: TrainOptions) -> int:
     stop_flag = StopFlag()  # first, so that a signal during start-up is not fatal
     # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates, with a warning on every call.
     warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
-    topology = discover_topology(local_rank=options.local_rank)
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    if restarts > 0:
-        # A requeued Slurm job continues from its newest checkpoint; the --overwrite of its first
-        # run must not delete the checkpoints it continues from.
-        if topology.rank == 0:
-            print(f"requeued Slurm job (restart {restarts}): resuming", flush=True)
-        options = dataclasses.replace(options, resume=True, overwrite=False)
+    rank = int(os.environ.get("RANK", 0))
     try:
+        topology = discover_topology(local_rank=options.local_rank)
+        rank = topology.rank
+        options = _requeued(options, rank)
         recipe = load_options_recipe(options)
         recipe.check_world_size(topology.world_size)
         if options.stop_after_steps is not None and options.stop_after_steps < 1:
@@ -151,20 +153,20 @@ def run(options: TrainOptions) -> int:
         check_output_dir(
             Path(recipe.output_dir), resume=options.resume, overwrite=options.overwrite
         )
-    except RecipeError as error:
-        return _input_error(error, topology.rank)
-    ctx = init_distributed(recipe.device, topology)
+        resolve_device(recipe.device)  # a cuda recipe on a machine without GPU: say so first
+        _fill_caches(recipe)
+        ctx = init_distributed(recipe.device, topology)
+    except UsageError as error:
+        return _input_error(error, rank)
     from tail_kd.run_setup import set_up_run
 
     try:
         trainer = set_up_run(recipe, options, ctx, stop_flag)
         return 0 if trainer is None else trainer.train()
     except _INPUT_ERRORS as error:
-        return _input_error(error, topology.rank)
-    except MainProcessFailed:
-        return 1
+        return _input_error(error, rank)
     except CheckpointWriteError as error:
-        print(f"error on rank {topology.rank}: {error}", file=sys.stderr)
+        print(f"error on rank {rank}: {error}", file=sys.stderr)
         # With several ranks DeepSpeed's collectives may be out of step: do not wait at exit.
         if topology.world_size > 1:
             return _exit_now(EXIT_CHECKPOINT_WRITE)
@@ -172,9 +174,30 @@ def run(options: TrainOptions) -> int:
     except Exception as error:
         if not collective_failure(error):
             raise
-        print(_rank_lost_message(error, topology.rank, Path(recipe.output_dir)), file=sys.stderr)
+        print(_rank_lost_message(error, rank, Path(recipe.output_dir)), file=sys.stderr)
         # The process group is broken: tearing it down at exit can hang or abort.
         return _exit_now(EXIT_RANK_LOST)
+
+
+def _fill_caches(recipe: Recipe) -> None:
+    """Everything `tail-kd prepare-data` would fetch or build, before the process group exists:
+    the first rank to need a cache entry builds it under a file lock while the others wait on the
+    lock, in no collective that a watchdog could time out; and outside a process group,
+    transformers saves whole model folders whatever the rank (inside one, only rank 0's)."""
+    from tail_kd.prepare import prepare
+
+    prepare(recipe, check=False)
+
+
+def _requeued(options: TrainOptions, rank: int) -> TrainOptions:
+    """A requeued Slurm job (SLURM_RESTART_COUNT > 0) continues from its newest checkpoint; the
+    --overwrite of its first run must not delete the checkpoints it continues from."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if restarts == 0:
+        return options
+    if rank == 0:
+        print(f"requeued Slurm job (restart {restarts}): resuming", flush=True)
+    return dataclasses.replace(options, resume=True, overwrite=False)
 
 
 def _rank_lost_message(error: BaseException, rank: int, run_dir: Path) -> str:
@@ -204,10 +227,11 @@ def _exit_now(status: int) -> int:
 
 
 def _input_error(error: Exception, rank: int) -> int:
-    """Print `error: ...` (recipe errors, the same on every rank, on rank 0 only); return 2."""
+    """Print `error: ...` (errors in the recipe or the data, the same on every rank, on rank 0
+    only); return 2."""
     if rank == 0:
         print(f"error: {error}", file=sys.stderr)
-    elif not isinstance(error, RecipeError):
+    elif not isinstance(error, (RecipeError, DataError)):
         print(f"error on rank {rank}: {error}", file=sys.stderr)
     return EXIT_USAGE
 

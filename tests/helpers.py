@@ -80,3 +80,49 @@ class Run:
     def exited_with(self, status: int) -> bool:
         """`status`, or the rare abort at interpreter exit after the work was done."""
         return self.proc.returncode == status or EXIT_ABORT in self.proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random models of several families, built offline from transformers' config classes
+# ---------------------------------------------------------------------------------------------
+
+# family -> (config class name, family-specific settings): a logit post-processing where the
+# family has one, large enough that getting it wrong shows (logits of about +-20).
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "gemma2": ("Gemma2Config", {"final_logit_softcapping": 10.0, "head_dim": 8}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),
+    "cohere": ("CohereConfig", {"logit_scale": 0.25, "eos_token_id": 2}),
+    "granite": ("GraniteConfig", {"logits_scaling": 4.0}),
+}
+
+
+def tiny_family_config(family: str, vocab_size: int = 64):
+    """A 2-layer, 32-wide config of `family`."""
+    import transformers
+
+    class_name, extra = FAMILIES[family]
+    return getattr(transformers, class_name)(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.5,
+        **extra,
+    )
+
+
+def tiny_family_model(family: str, seed: int, vocab_size: int = 64):
+    """A random model of `tiny_family_config(family)`, float32, in eval mode, its lm_head scaled
+    up so that its logits reach about +-20."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_family_config(family, vocab_size)).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model

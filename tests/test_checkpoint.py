@@ -16,6 +16,7 @@ import torch
 
 from tail_kd import checkpoint as checkpoint_module
 from tail_kd.checkpoint import CheckpointManager, CheckpointWriteError, capture_rng, restore_rng
+from tail_kd.exit_status import UsageError
 from tail_kd.run_dir import complete_checkpoints, find_checkpoint
 
 
@@ -96,7 +97,7 @@ def test_find_checkpoint_by_step_and_errors(tmp_path):
 def test_resuming_with_another_world_size_is_refused(tmp_path):
     save(CheckpointManager(tmp_path, single_process(), keep=1), 1)
     manager = CheckpointManager(tmp_path, single_process(world_size=2), keep=1)
-    with pytest.raises(RuntimeError, match="written by 1 ranks but this job has 2"):
+    with pytest.raises(UsageError, match="written by 1 ranks but this job has 2"):
         manager.load(FakeEngine(), manager.latest())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -29,24 +30,29 @@ def with_section(section, **fields):
 # --- defaults and resolved directories ----------------------------------------------------------
 
 
-def test_defaults_and_resolved_directories():
+def test_defaults_and_resolved_directories(monkeypatch):
+    monkeypatch.delenv("TAIL_KD_CACHE", raising=False)
     recipe = Recipe.from_dict(with_section(None, run_name="quick"))
     assert recipe.output_dir == "runs/quick"
-    assert recipe.cache_dir == "runs/.cache"
-    assert recipe.data.cache_dir == "runs/.cache/data"
+    home_cache = os.path.join(os.path.expanduser("~"), ".cache", "tail_kd")
+    assert recipe.cache_dir == home_cache
+    assert recipe.data.cache_dir == os.path.join(home_cache, "data")
     assert recipe.log.tensorboard_dir == "runs/quick/tensorboard"
     assert recipe.loss.divergence == "tad" and recipe.loss.k == 10 and recipe.loss.beta == 2.0
     assert recipe.train.betas == (0.9, 0.95)
 
 
-def test_explicit_directories_are_kept_and_others_follow_output_dir():
+def test_explicit_directories_are_kept_and_the_cache_does_not_follow_the_output_dir(monkeypatch):
     recipe = Recipe.from_dict(
         with_section(None, output_dir="/scratch/exp1", cache_dir="/scratch/cache")
     )
     assert recipe.log.tensorboard_dir == "/scratch/exp1/tensorboard"
     assert recipe.data.cache_dir == "/scratch/cache/data"
-    recipe = Recipe.from_dict(with_section(None, output_dir="/scratch/exp1"))
-    assert recipe.cache_dir == "/scratch/.cache"
+    # `tail-kd prepare-data` and a job with another output dir find the same cache.
+    monkeypatch.setenv("TAIL_KD_CACHE", "/shared/tail-kd-cache")
+    first = Recipe.from_dict(with_section(None, output_dir="/scratch/exp1"))
+    second = Recipe.from_dict(with_section(None, output_dir="/elsewhere/exp2"))
+    assert first.cache_dir == second.cache_dir == "/shared/tail-kd-cache"
 
 
 # --- loading and overrides ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -20,12 +21,12 @@ import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+from tail_kd import prepare
 from tail_kd.config import DataConfig, load_recipe
 from tail_kd.data import (
     DataError,
     DistillationLoader,
     build_datasets,
-    prepare,
     prepare_datasets,
     pretrain,
     sft,
@@ -491,19 +492,21 @@ def test_prepare_data_script_builds_the_cache_the_job_will_find(tmp_path, text_d
             }
         )
     )
+    env = {**os.environ, "TAIL_KD_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(
         [sys.executable, str(REPO / "tools" / "prepare_data.py"), str(recipe)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
-    cache_dir = tmp_path / "runs" / ".cache" / "data"
+    cache_dir = tmp_path / "cache" / "data"
     (entry,) = [p for p in cache_dir.iterdir() if p.is_dir()]
     assert f"cache: {entry}" in done.stdout
     assert "eval : 1 sequences x 64 tokens = 64 tokens" in done.stdout
     # The training job, loading the same tokenizer from the folder, finds that very entry.
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, [f"cache_dir={tmp_path / 'cache'}"])
     prepared = prepare_datasets(loaded.data, load_tokenizer(model_dir), loaded.data.cache_dir, 0)
     assert prepared.cache_path == entry
 
@@ -513,3 +516,53 @@ def test_prepare_data_reports_errors_without_a_traceback(tmp_path, capsys):
     recipe.write_text(yaml.safe_dump({"teacher": {"path": "t"}, "data": {"source": "d.txt"}}))
     assert prepare.main([str(recipe), "--set", "data.seq_len=1"]) == 2
     assert "data.seq_len: expected an integer >= 2, got 1" in capsys.readouterr().err
+
+
+def _write_recipe(path: Path, teacher: str, source: Path, cache: Path) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "teacher": {"path": teacher},
+                "data": {"source": str(source), "seq_len": 64, "eval_examples": 1},
+                "cache_dir": str(cache),
+            }
+        )
+    )
+    return path
+
+
+def test_prepare_data_check_reports_what_a_job_would_build(tmp_path, text_dir, capsys):
+    """--check builds nothing and says what is missing (exit 1); after prepare-data all is
+    ready (exit 0): the Slurm scripts then run the job offline."""
+    recipe = _write_recipe(tmp_path / "r.yaml", "tiny://", text_dir, tmp_path / "cache")
+    assert prepare.main([str(recipe), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "data     MISSING" in out and "not ready: run `tail-kd prepare-data" in out
+    assert not (tmp_path / "cache" / "data").exists()
+    assert prepare.main([str(recipe)]) == 0
+    capsys.readouterr()
+    assert prepare.main([str(recipe), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher  ready" in out and "data     ready" in out
+
+
+def test_prepare_data_check_of_a_hub_teacher_needs_no_network(
+    tmp_path, text_dir, capsys, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a download attempt would fail loudly
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty Hugging Face cache
+    recipe = _write_recipe(tmp_path / "r.yaml", "example-org/model", text_dir, tmp_path / "cache")
+    assert prepare.main([str(recipe), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "teacher  MISSING hub model example-org/model (with weights)" in out
+    assert "data     MISSING needs the teacher's tokenizer" in out
+
+
+def test_prepare_data_check_of_a_gguf_teacher_converts_nothing(tmp_path, text_dir, capsys):
+    gguf = tmp_path / "teacher.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x00" * 60)  # unreadable: converting it would fail
+    recipe = _write_recipe(tmp_path / "r.yaml", str(gguf), text_dir, tmp_path / "cache")
+    assert prepare.main([str(recipe), "--check"]) == 1
+    assert f"teacher  MISSING {gguf} converted into {tmp_path / 'cache' / 'gguf'}" in (
+        capsys.readouterr().out
+    )

@@ -1,5 +1,11 @@
 """DeepSpeed configs from recipes (no engines here; test_train.py runs real ZeRO-3 engines)."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -86,3 +92,26 @@ def test_keys_inside_deepspeed_sections_are_checked_by_deepspeeds_schema(extra, 
         check_deepspeed_config(recipe(deepspeed=extra), world_size=1, device="cpu")
     config = check_deepspeed_config(recipe(), world_size=1, device="cpu")
     assert config["zero_optimization"] == {"stage": 3}
+
+
+def _accumulated_gradient(extra: dict) -> dict:
+    script = Path(__file__).parent / "scripts" / "bf16_accumulation.py"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(extra)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bf16_gradients_are_accumulated_over_micro_batches_in_float32():
+    """A real ZeRO-3 engine: with the generated config, 64 bf16 micro-batches sum exactly; with
+    DeepSpeed's default for bf16 (accumulating in bf16) the 63 small ones are lost."""
+    ours = _accumulated_gradient({})
+    assert ours["grad"] == pytest.approx(ours["exact"], rel=1e-6)
+    bf16 = _accumulated_gradient({"data_types": {"grad_accum_dtype": "bf16"}})
+    assert abs(bf16["grad"] - bf16["exact"]) > 0.1 * bf16["exact"]

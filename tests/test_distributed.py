@@ -7,8 +7,17 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
-from tail_kd.distributed import discover_topology, free_port, resolve_device
+from tail_kd.distributed import (
+    Topology,
+    cuda_device_index,
+    discover_topology,
+    free_port,
+    resolve_device,
+    shared_devices,
+)
+from tail_kd.exit_status import UsageError
 from tail_kd.rendezvous import first_node_address
 
 # What `scontrol` answers on a cluster whose node names do not resolve (as on the emulated one).
@@ -66,7 +75,7 @@ def test_torchrun_variables():
 
 
 def test_missing_master_address_is_an_error():
-    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+    with pytest.raises(UsageError, match="MASTER_ADDR"):
         discover_topology({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"})
 
 
@@ -80,28 +89,39 @@ def test_srun_task_takes_rank_from_slurm_and_address_from_scontrol(fake_scontrol
         "SLURM_STEP_NUM_TASKS": "2",
         "SLURM_STEP_NODELIST": "n[1-2]",
         "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
-        "SLURM_JOB_ID": "4711",
+        "SLURM_JOB_ID": "54711",
     }
     topology = discover_topology(env)
     assert (topology.rank, topology.local_rank, topology.world_size) == (1, 0, 2)
     assert topology.local_world_size == 1
     assert topology.master_addr == "10.1.2.3"  # n1 does not resolve: NodeAddr from scontrol
+    # 20000 + job id mod 10000: below the kernel's ephemeral ports (32768 and up)
     assert topology.master_port == 20000 + 4711
     assert topology.launcher == "slurm"
 
 
-def test_srun_prefers_explicit_master_variables(fake_scontrol):
-    env = {
-        "SLURM_PROCID": "0",
-        "SLURM_STEP_ID": "0",
-        "SLURM_NTASKS": "2",
-        "SLURM_STEP_NODELIST": "n[1-2]",
-        "SLURM_JOB_ID": "7",
-        "MASTER_ADDR": "head",
-        "MASTER_PORT": "4000",
-    }
+SRUN_TASK = {
+    "SLURM_PROCID": "0",
+    "SLURM_STEP_ID": "0",
+    "SLURM_NTASKS": "2",
+    "SLURM_STEP_NODELIST": "n[1-2]",
+    "SLURM_JOB_ID": "7",
+}
+
+
+def test_srun_takes_the_explicit_tail_kd_master_variables(fake_scontrol):
+    env = {**SRUN_TASK, "TAIL_KD_MASTER_ADDR": "head", "TAIL_KD_MASTER_PORT": "4000"}
     topology = discover_topology(env)
     assert (topology.master_addr, topology.master_port) == ("head", 4000)
+
+
+def test_a_master_address_inherited_from_the_submitting_shell_is_ignored(fake_scontrol, capsys):
+    """sbatch exports the submitting shell's environment: a MASTER_ADDR=127.0.0.1 left by an
+    earlier torchrun must not make a multi-node job meet on each node's own loopback."""
+    env = {**SRUN_TASK, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    topology = discover_topology(env)
+    assert (topology.master_addr, topology.master_port) == ("10.1.2.3", 20007)
+    assert "ignoring MASTER_ADDR=127.0.0.1 MASTER_PORT=29500" in capsys.readouterr().err
 
 
 def test_resolvable_node_name_is_used_as_is(fake_scontrol):
@@ -141,6 +161,28 @@ def test_device_resolution():
     assert resolve_device("cpu") == "cpu"
     with pytest.raises(ValueError, match="auto, cpu or cuda"):
         resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no GPU is visible; use --set device=cpu"):
+            resolve_device("cuda")
+
+
+def _on_node(local_rank: int, ranks_per_node: int) -> Topology:
+    return Topology(local_rank, local_rank, ranks_per_node, ranks_per_node, "n1", 1, "slurm")
+
+
+def test_each_rank_takes_its_gpu_among_the_visible_ones():
+    # Every rank sees every GPU of the node (torchrun, the DeepSpeed launcher, srun unbound).
+    assert [cuda_device_index(_on_node(r, 4), visible=4) for r in range(4)] == [0, 1, 2, 3]
+    # One GPU per task (--gpus-per-task=1, --gpu-bind=closest): each sees only its own, as 0.
+    assert [cuda_device_index(_on_node(r, 4), visible=1) for r in range(4)] == [0, 0, 0, 0]
+    with pytest.raises(UsageError, match="4 ranks on this node but rank 3 sees 2 GPUs"):
+        cuda_device_index(_on_node(3, 4), visible=2)
+
+
+def test_ranks_sharing_a_gpu_are_found():
+    devices = [("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a"), ("n1", "GPU-a")]
+    assert shared_devices(devices) == {("n1", "GPU-a"): [0, 3]}
+    assert shared_devices(devices[:3]) == {}
 
 
 SHARED_MEMORY = textwrap.dedent(

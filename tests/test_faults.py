@@ -95,7 +95,6 @@ def one_rank() -> SimpleNamespace:
         barrier=lambda: None,
         broadcast=lambda obj: obj,
         any=lambda flag: flag,
-        main_first=contextlib.nullcontext,
     )
 
 
@@ -191,6 +190,18 @@ def keep_signal_handlers():
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+
+
+def test_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path, capsys, keep_signal_handlers):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    run_dir = tmp_path / "run"
+    assert main([str(RECIPE), "--output-dir", str(run_dir), "--set", "device=cuda"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "error: device: cuda was requested but no GPU is visible; use --set device=cpu (or auto)\n"
+    )
 
 
 def test_unwritable_output_dir_is_named_before_anything_starts(
@@ -416,6 +427,77 @@ def test_a_killed_rank_makes_the_others_exit_within_the_timeout(workdir, cache):
     assert "Another rank has died, hangs or cannot be reached" in output
     assert f"Collectives give up after {TIMEOUT_S} s" in output
     assert "Newest complete checkpoint: step 2; rerun with --resume" in output
+
+
+SLOW_TOKENIZER = textwrap.dedent(
+    """
+    import time
+    import tail_kd.data.pretrain as pretrain
+    _build = pretrain.build
+    def build(*args, **kwargs):
+        time.sleep(15)  # tokenising takes longer than the ranks' collective timeout
+        return _build(*args, **kwargs)
+    pretrain.build = build
+    """
+)
+
+
+def two_ranks(run_dir: Path, cache: Path, sets: list[str], hook: str, **env: str) -> list[str]:
+    """Two ranks started like srun tasks, each with `hook` as its sitecustomize (run at start-up);
+    returns their outputs once both have ended."""
+    hooks = run_dir.parent / f"{run_dir.name}_hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(hook)
+    shared = dict(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        PYTHONPATH=os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]),
+        **env,
+    )
+    ranks = [
+        subprocess.Popen(
+            command(run_dir, cache, sets),
+            cwd=REPO,
+            env=environment(**shared, RANK=str(rank), LOCAL_RANK=str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    return [proc.communicate(timeout=300)[0] for proc in ranks]
+
+
+def test_ranks_wait_for_a_long_tokenisation_on_a_lock_not_in_a_collective(workdir, cache):
+    """A large corpus takes longer to tokenise than the process group's watchdog allows: the
+    rank that builds the data cache and the ranks that wait for it must not be in a collective
+    meanwhile (here a 15 s build against a 6 s collective timeout)."""
+    run_dir = workdir / "slow_data"
+    sets = ["train.steps=2", f"data.cache_dir={workdir / 'slow_data_cache'}"]
+    outputs = two_ranks(run_dir, cache, sets, SLOW_TOKENIZER, TAIL_KD_COLLECTIVE_TIMEOUT="6")
+    run = Run(run_dir, subprocess.CompletedProcess([], 0, outputs[0], ""))
+    run.assert_finished(2)
+    assert "waiting for another process to finish building data cache" in "".join(outputs)
+
+
+RANK_0_LATE = textwrap.dedent(
+    """
+    import os, time
+    if os.environ.get("RANK") == "0":
+        time.sleep(10)  # rank 1 gets to the empty cache first and builds the tiny teacher
+    """
+)
+
+
+def test_a_cache_built_by_another_rank_than_0_is_whole(workdir):
+    """transformers writes a model folder only on rank 0 of an initialised process group: caches
+    are built before the group exists, so rank 1 building the teacher is fine."""
+    run_dir = workdir / "rank1_builds"
+    outputs = two_ranks(run_dir, workdir / "rank1_cache", ["train.steps=1"], RANK_0_LATE)
+    run = Run(run_dir, subprocess.CompletedProcess([], 0, outputs[0], ""))
+    run.assert_finished(1)
 
 
 HANG = textwrap.dedent(

@@ -1,5 +1,10 @@
 """The fused chunked loss against the dense reference: values, gradients, edge cases, errors."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -250,3 +255,62 @@ def test_dense_reference_matches_fused_loss_on_every_output(divergence):
     assert fused.num_tokens == dense.num_tokens == b * t - 2
     for fused_grad, dense_grad in zip(fused_grads, dense_grads):
         torch.testing.assert_close(fused_grad, dense_grad)
+
+
+NO_COMPILER = """
+import sys, warnings, torch
+import torch._inductor.config as config
+config.cpp.cxx = ("/nonexistent/g++",)  # a node without a working C++ compiler
+from helpers import loss_and_grads, make_batch
+from tail_kd.losses import fused_distillation_loss
+from tail_kd.losses.fused import CompileFallbackWarning
+batch = make_batch(dtype=torch.float32, length=30)
+kwargs = dict(k=5, beta=2.0, chunk_size=7)  # sequences longer than a chunk: the pre-pass too
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    compiled = loss_and_grads(fused_distillation_loss, *batch, compile=True, **kwargs)
+eager = loss_and_grads(fused_distillation_loss, *batch, **kwargs)
+assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+print(*[w.message for w in caught if w.category is CompileFallbackWarning], sep="\\n")
+"""
+
+
+def test_a_node_that_cannot_compile_falls_back_to_eager_with_one_warning(tmp_path):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # nothing cached
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_COMPILER],
+        cwd=Path(__file__).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (warning,) = proc.stdout.strip().splitlines()
+    assert "torch.compile does not work on this cpu node (InvalidCxxCompiler" in warning
+    assert "Set --set loss.kernels=eager" in warning
+
+
+def test_bf16_lm_head_gradient_is_as_accurate_in_many_chunks_as_in_one():
+    """The weight gradient sums every chunk's contribution: a bf16 running sum loses the later,
+    small ones (here 3x the error of one chunk at 128 chunks); a float32 one does not."""
+    g = torch.Generator().manual_seed(0)
+    s_hidden = 1.0 + 0.1 * torch.randn(4, 256, 16, generator=g)  # every position pulls one way
+    t_hidden = torch.randn(4, 256, 16, generator=g)
+    s_weight = 0.1 * torch.randn(64, 16, generator=g)
+    t_weight = torch.randn(64, 16, generator=g)
+    labels = torch.zeros(4, 256, dtype=torch.long)
+    bf16 = [x.bfloat16() for x in (s_hidden, s_weight, t_hidden, t_weight)]
+    kwargs = dict(k=5, beta=2.0, normalize=False, divergence="tad")
+    exact = loss_and_grads(dense_distillation_loss, *(x.double() for x in bf16), labels, **kwargs)
+
+    def weight_error(chunk_size):
+        grad_w = loss_and_grads(
+            fused_distillation_loss, *bf16, labels, chunk_size=chunk_size, **kwargs
+        )[2]
+        assert grad_w.dtype == torch.bfloat16
+        return float((grad_w.double() - exact[2]).norm() / exact[2].norm())
+
+    one_chunk = weight_error(1024)
+    assert one_chunk < 5e-3  # bf16 rounding of the result itself
+    assert weight_error(8) <= 1.2 * one_chunk

@@ -1,5 +1,6 @@
 """Vocab-parallel fused loss in real gloo process groups equals the single-process dense result."""
 
+import contextlib
 import os
 
 import pytest
@@ -47,24 +48,26 @@ CASES = [
 ]
 
 
-def _worker(rank, world, init_file, out_dir, cases):
+def _worker(rank, world, init_file, out_dir, cases, default_device=None):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for i, (sizes, vocab_size, kwargs) in enumerate(cases):
             s_hidden, s_weight, t_hidden, t_weight, labels = _batch(sum(sizes), vocab_size)
             lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
-            result = loss_and_grads(
-                fused_distillation_loss,
-                s_hidden,
-                s_weight[lo:hi],
-                t_hidden,
-                t_weight[lo:hi],
-                labels,
-                ce_weight=1.0,
-                vocab_size=vocab_size,
-                group=dist.group.WORLD,
-                **kwargs,
-            )
+            # Tensors made without `device=` inside the loss land on `default_device`.
+            with torch.device(default_device) if default_device else contextlib.nullcontext():
+                result = loss_and_grads(
+                    fused_distillation_loss,
+                    s_hidden,
+                    s_weight[lo:hi],
+                    t_hidden,
+                    t_weight[lo:hi],
+                    labels,
+                    ce_weight=1.0,
+                    vocab_size=vocab_size,
+                    group=dist.group.WORLD,
+                    **kwargs,
+                )
             torch.save(result, os.path.join(out_dir, f"case{i}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -120,6 +123,37 @@ def test_block_top_k_values_equal_torch_topk(n, k):
     torch.testing.assert_close(top_k_values(x, k), x.topk(k, dim=-1).values, rtol=0, atol=0)
     bf = x.bfloat16()
     torch.testing.assert_close(top_k_values(bf, k), bf.topk(k, dim=-1).values, rtol=0, atol=0)
+
+
+def test_collectives_run_on_the_device_of_the_inputs(tmp_path):
+    """On GPUs the group is NCCL's, which refuses host tensors: every tensor the loss sends through
+    a collective must be made on the device of its inputs, not on the default device. Emulated
+    here the other way round: the inputs are on the CPU, the default device is `meta` (a tensor
+    made without `device=` lands there, and gloo cannot send it), and the results must still be
+    the single-process ones."""
+    cases = [
+        ([10, 27], None, dict(divergence="tad", k=5, beta=2.0, normalize=True, chunk_size=4)),
+        (
+            [10, 27],
+            None,
+            dict(divergence="reverse_kl", k=3, beta=1.0, normalize=True, chunk_size=5),
+        ),
+        ([10, 27], None, dict(divergence="none", k=4, beta=1.0, normalize=True, chunk_size=7)),
+    ]
+    init, world = str(tmp_path / "init"), 2
+    mp.spawn(_worker, args=(world, init, str(tmp_path), cases, "meta"), nprocs=world, join=True)
+    for i, (sizes, vocab_size, kwargs) in enumerate(cases):
+        reference = {key: value for key, value in kwargs.items() if key != "chunk_size"}
+        expected = loss_and_grads(
+            dense_distillation_loss, *_batch(sum(sizes), vocab_size), vocab_size=vocab_size,
+            **reference,
+        )  # fmt: skip
+        for rank in range(world):
+            loss, grad_h, grad_w = torch.load(tmp_path / f"case{i}-rank{rank}.pt")
+            lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+            torch.testing.assert_close(loss, expected[0], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(grad_h, expected[1], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(grad_w, expected[2][lo:hi], rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,7 +166,14 @@ def test_export_loads_generates_and_reproduces_the_logged_eval(full, tmp_path):
     from tail_kd.data import build_datasets
     from tail_kd.export import export
 
-    out = export(full.dir, tmp_path / "student")
+    umask = os.umask(0o022)  # the usual one: colleagues may read what you write
+    try:
+        out = export(full.dir, tmp_path / "student")
+    finally:
+        os.umask(umask)
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in out.iterdir()} == {
+        path.name: "0o644" for path in out.iterdir()
+    }  # safetensors files included (transformers writes them 0600)
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied

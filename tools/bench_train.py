@@ -89,7 +89,7 @@ def main(argv=None):
     from tail_kd.heads import lm_head
     from tail_kd.pair import load_models, plan_models
 
-    plan = plan_models(recipe, ctx)
+    plan = plan_models(recipe)
     train_set, _ = build_datasets(
         recipe.data, plan.teacher_tokenizer, recipe.data.cache_dir, recipe.seed
     )
@@ -103,7 +103,7 @@ def main(argv=None):
         recipe=recipe,
         ctx=ctx,
         vocab_size=plan.vocab_size,
-        loss_fn=loss_function(recipe.loss, plan.vocab_size, device),
+        loss_fn=loss_function(recipe.loss, plan, device),
     )
     engine = distiller.student
     batches = [next(loader) for _ in range(args.steps + 1)]
@@ -154,7 +154,7 @@ def main(argv=None):
 
     def use_loss(divergence, **bound):
         recipe.loss.divergence = divergence
-        loss = functools.partial(loss_function(recipe.loss, plan.vocab_size, device), **bound)
+        loss = functools.partial(loss_function(recipe.loss, plan, device), **bound)
         engine.module.loss_fn = phases.wrap("loss", loss)
 
     teacher_engine = distiller.teacher

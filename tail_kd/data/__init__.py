@@ -19,11 +19,19 @@ import datasets
 
 from tail_kd.config import DataConfig
 from tail_kd.data import pretrain, sft
-from tail_kd.data.cache import fingerprint, load_or_build, tokenizer_fingerprint
+from tail_kd.data.cache import fingerprint, is_complete, load_or_build, tokenizer_fingerprint
 from tail_kd.data.loader import DistillationLoader
 from tail_kd.data.sources import DataError, open_source
 
-__all__ = ["DataError", "DistillationLoader", "PreparedData", "build_datasets", "prepare_datasets"]
+__all__ = [
+    "DataError",
+    "DistillationLoader",
+    "PreparedData",
+    "build_datasets",
+    "prepare_datasets",
+    "cached_entry",
+    "is_complete",
+]
 
 # Each kind's module: cache_key(data) -> dict, build(source, data, tokenizer, out_dir) -> summary,
 # datasets_from_tables(tables, data) -> (train, eval).
@@ -46,12 +54,7 @@ def prepare_datasets(
     """Load the datasets of `data` from `cache_dir`, tokenising and caching them first if needed."""
     builder = _BUILDERS[data.kind]
     source = open_source(data, seed)
-    key = {
-        "kind": data.kind,
-        "source": source.fingerprint(),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        **builder.cache_key(data),
-    }
+    key = _cache_key(data, source, tokenizer)
     entry = load_or_build(
         Path(cache_dir) / f"{data.kind}-{fingerprint(key)}",
         key,
@@ -59,6 +62,22 @@ def prepare_datasets(
     )
     train, held = builder.datasets_from_tables(entry.tables, data)
     return PreparedData(train, held, entry.path, entry.summary)
+
+
+def cached_entry(data: DataConfig, tokenizer: Any, cache_dir: str | Path, seed: int) -> Path:
+    """The cache folder `prepare_datasets` loads `data` from (built or not: `is_complete`)."""
+    key = _cache_key(data, open_source(data, seed), tokenizer)
+    return Path(cache_dir) / f"{data.kind}-{fingerprint(key)}"
+
+
+def _cache_key(data: DataConfig, source: Any, tokenizer: Any) -> dict[str, Any]:
+    """What the tokenised tables depend on: the source, the tokenizer, the kind's settings."""
+    return {
+        "kind": data.kind,
+        "source": source.fingerprint(),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        **_BUILDERS[data.kind].cache_key(data),
+    }
 
 
 def build_datasets(

@@ -8,8 +8,9 @@ entry and an unchanged one is reused by later runs and by every rank of a job.
 - Complete or absent: an entry is built in a temporary sibling folder and renamed into place when
   its manifest is written, so a killed build never looks complete (its leftovers are removed by the
   next build).
-- Built once: builders hold an exclusive `flock` on `<entry>.lock`; the other processes wait, then
-  find the entry done. No rank needs to know it is rank 0, and no process group is needed.
+- Built once: builders hold an exclusive lock on `<entry>.lock` (tail_kd/locks.py); the other
+  processes wait, then find the entry done. No rank needs to know it is rank 0, and no process
+  group is needed (waiting on the lock is no collective with a watchdog).
 - Checked on load: the manifest records each file's size and a BLAKE2 checksum of its first and
   last MiB (the whole file when smaller). That costs milliseconds for any size and catches
   truncated, missing and overwritten files, but it is not a full scrub of the middle of big files.
@@ -21,14 +22,12 @@ Tables are Arrow IPC stream files of fixed-length int32 rows, read back memory-m
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,16 @@ from typing import Any
 import datasets
 import pyarrow as pa
 
-__all__ = ["CacheEntry", "TableWriter", "fingerprint", "tokenizer_fingerprint", "load_or_build"]
+from tail_kd.locks import exclusive_lock, in_progress_name
+
+__all__ = [
+    "CacheEntry",
+    "TableWriter",
+    "fingerprint",
+    "tokenizer_fingerprint",
+    "load_or_build",
+    "is_complete",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +151,7 @@ def load_or_build(
     if problem is None:
         return _load(entry)
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(entry.with_name(entry.name + ".lock")):
+    with exclusive_lock(entry.with_name(entry.name + ".lock"), f"data cache {entry}"):
         problem = _check(entry)  # another process may have built it while we waited
         if problem is None:
             return _load(entry)
@@ -152,7 +160,7 @@ def load_or_build(
             shutil.rmtree(entry)
         for stale in entry.parent.glob(f".{entry.name}.tmp-*"):  # left by killed builds
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
+        tmp = in_progress_name(entry, prefix=".")
         tmp.mkdir()
         try:
             logger.info("building data cache %s", entry)
@@ -169,6 +177,11 @@ def load_or_build(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _load(entry)
+
+
+def is_complete(entry: Path) -> bool:
+    """Whether the cache entry folder `entry` is built and undamaged."""
+    return _check(entry) is None
 
 
 def _check(entry: Path) -> str | None:
@@ -212,20 +225,3 @@ def _file_digest(path: Path) -> dict[str, Any]:
             file.seek(max(_SAMPLE_BYTES, size - _SAMPLE_BYTES))
             digest.update(file.read())
     return {"size": size, "sample_blake2b": digest.hexdigest()}
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive `flock` on `lock_path`, saying so when another process holds it first."""
-    with open(lock_path, "a") as lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info(
-                "waiting for another process to finish building %s", lock_path.with_suffix("")
-            )
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from tail_kd.data.sources import DataError
+
 __all__ = ["DistillationLoader"]
 
 
@@ -43,7 +45,7 @@ class DistillationLoader:
             )
         self.global_batch = micro_batch_size * world_size
         if len(dataset) < self.global_batch:
-            raise ValueError(
+            raise DataError(
                 f"the dataset has {len(dataset)} examples, fewer than one step of "
                 f"micro_batch_size {micro_batch_size} x world size {world_size} = "
                 f"{self.global_batch}; add data or lower train.micro_batch_size"
@@ -88,9 +90,10 @@ class DistillationLoader:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from `state_dict()` output, so that the next batch is the one that was due."""
         if state["seed"] != self.seed or state["num_examples"] != len(self.dataset):
-            raise ValueError(
-                f"loader state is for seed {state['seed']} and {state['num_examples']} examples, "
-                f"but this loader has seed {self.seed} and {len(self.dataset)} examples: the data "
-                f"order would differ"
+            raise DataError(
+                f"the checkpoint's data position is for seed {state['seed']} and "
+                f"{state['num_examples']} examples, but this run has seed {self.seed} and "
+                f"{len(self.dataset)} examples: the data order would differ; resume with the "
+                "recipe's seed and data, or start over with --overwrite"
             )
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None

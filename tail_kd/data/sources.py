@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tail_kd.config import DataConfig
+from tail_kd.exit_status import UsageError
 
 __all__ = [
     "DataError",
@@ -48,7 +49,7 @@ GSM_SYMBOLIC = "gsm_symbolic"
 EVAL_SEED_OFFSET = 1_000_003
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Data that cannot be used; the message names the source, record or field and the fix."""
 
 

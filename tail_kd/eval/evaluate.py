@@ -31,6 +31,7 @@ as JSON with `--out`, and logged as TensorBoard scalars `eval/<metric>` with `--
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -42,7 +43,8 @@ from typing import Any
 
 import torch
 
-from tail_kd.config import add_override_argument
+from tail_kd.config import add_override_argument, default_cache_dir
+from tail_kd.exit_status import EXIT_USAGE, UsageError
 from tail_kd.eval.maths import held_out_problems, maths_accuracy
 from tail_kd.eval.metrics import NUM_BINS, TOKEN_METRICS, TokenMetrics, score_hidden_states
 
@@ -58,10 +60,9 @@ __all__ = [
 
 # The scalars of a report, in the order they are printed and logged as eval/<name>.
 REPORTED = TOKEN_METRICS + ("gsm_accuracy", "gsm_strict_accuracy")
-DEFAULT_CACHE = "runs/.cache"
 
 
-class EvalError(ValueError):
+class EvalError(UsageError):
     """An input that cannot be evaluated; the message says what to change."""
 
 
@@ -91,12 +92,13 @@ def load_model(
     reference: str,
     *,
     step: int | None = None,
-    cache_dir: str = DEFAULT_CACHE,
+    cache_dir: str | None = None,
     gguf_file: str | None = None,
     device: str = "cpu",
 ) -> LoadedModel:
     """A run directory's student or the model a reference names (module docstring; `gguf_file`
-    as a recipe's `teacher.gguf_file`), in float32 on `device`."""
+    as a recipe's `teacher.gguf_file`; `cache_dir` for converted GGUF files, default the recipes'
+    default), in float32 on `device`."""
     from transformers import AutoTokenizer, GenerationConfig
 
     from tail_kd.export import load_student
@@ -115,6 +117,7 @@ def load_model(
         return LoadedModel(model.to(device).eval(), tokenizer, str(run_dir), saved_step, recipe)
     if step is not None:
         raise EvalError(f"--step needs a training run directory; {reference} is not one")
+    cache_dir = cache_dir or default_cache_dir()
     folder = resolve_model_dir(resolve_reference(reference, cache_dir), cache_dir, gguf_file)
     model = load_causal_lm(folder, torch.float32).to(device).eval()
     return LoadedModel(model, load_tokenizer(folder), reference)
@@ -316,17 +319,20 @@ class Evaluator:
     @torch.no_grad()
     def token_metrics(self, model: Any, vocab_size: int | None) -> TokenMetrics:
         """`model`'s token metrics on the set (and against the teacher, if any)."""
+        from tail_kd.models import head_logits
+
         metrics = TokenMetrics(NUM_BINS)
         device = next(model.parameters()).device
         teacher_hidden = self.teacher_hidden()
         for index, batch in enumerate(_batches(self.data.items, self.batch_size)):
+            teacher = None if self.teacher is None else self.teacher.model
             score_hidden_states(
                 metrics,
                 _final_hidden(model, batch, device),
-                model.get_output_embeddings(),
+                functools.partial(head_logits, model),
                 batch["labels"].to(device),
                 None if teacher_hidden is None else teacher_hidden[index].to(device),
-                None if self.teacher is None else self.teacher.model.get_output_embeddings(),
+                None if teacher is None else functools.partial(head_logits, teacher),
                 vocab_size=vocab_size,
                 chunk_size=self.chunk_size,
             )
@@ -427,7 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gsm-batch-size", type=int, default=16, help="problems per generate()")
     parser.add_argument("--chunk-size", type=int, default=128, help="positions per logits chunk")
     parser.add_argument("--seq-len", type=int, default=256, help="data files: sequence length")
-    parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help="converted GGUF models, tiny://")
+    parser.add_argument(
+        "--cache-dir",
+        help="converted GGUF models, tiny:// (default: $TAIL_KD_CACHE or ~/.cache/tail_kd)",
+    )
     parser.add_argument(
         "--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1"
     )
@@ -435,9 +444,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tail_kd.config import RecipeError
-    from tail_kd.data import DataError
-
     args = build_parser().parse_args(argv)
     device = args.device
     if device == "auto":
@@ -464,9 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
         )
         report = evaluator.evaluate(student, gsm=args.gsm)
-    except (EvalError, RecipeError, DataError, FileNotFoundError) as error:
+    except (UsageError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(format_report(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

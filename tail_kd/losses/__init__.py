@@ -7,6 +7,7 @@
 - `divergences`: one object per divergence: its per-token value and logit gradient.
 - `chunk`, `kernels`: the named per-chunk structures and the elementwise passes over a chunk.
 - `vocab_parallel`: per-token reductions across vocabulary shards.
+- `logits`: what a model does to its lm_head's output (a scale, a soft cap), with its derivative.
 
 The equations are in docs/METHOD.md and, next to the code implementing them, in the docstrings.
 """
@@ -21,6 +22,7 @@ from .dense import (
 )
 from .divergences import DIVERGENCES
 from .fused import fused_distillation_loss
+from .logits import IDENTITY, LogitTransform
 from .terms import (
     IGNORE_INDEX,
     LOSS_SCALARS,
@@ -36,6 +38,8 @@ __all__ = [
     "DistillationLossOutput",
     "LossInputs",
     "LossTerms",
+    "LogitTransform",
+    "IDENTITY",
     "LOSS_TERMS",
     "LOSS_SCALARS",
     "DIVERGENCES",

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .logits import IDENTITY, LogitTransform
 from .terms import IGNORE_INDEX, DistillationLossOutput, LossTerms
 
 __all__ = [
@@ -178,19 +179,22 @@ def dense_distillation_loss(
     normalize: bool = True,
     ce_weight: float = 1.0,
     vocab_size: int | None = None,
+    student_transform: LogitTransform = IDENTITY,
+    teacher_transform: LogitTransform = IDENTITY,
 ) -> DistillationLossOutput:
     """What `fused_distillation_loss` computes (same arguments, same output), from full logits
     with the per-token functions above and autograd: the reference it is tested against.
 
     Logits are made in the inputs' dtype (as the fused loss's matmuls are), everything after in
-    float32, or float64 for float64 inputs. Rows from `vocab_size` on are padding, left out.
+    float32, or float64 for float64 inputs (the transforms too). Rows from `vocab_size` on are
+    padding, left out.
     """
     dtype = _compute_dtype(student_hidden)
     mask = labels != IGNORE_INDEX
-    s_logits = (student_hidden @ student_weight[:vocab_size].T).to(dtype)
+    s_logits = student_transform((student_hidden @ student_weight[:vocab_size].T).to(dtype))
     t_logits = None
     if teacher_hidden is not None:
-        t_logits = (teacher_hidden @ teacher_weight[:vocab_size].T).to(dtype)
+        t_logits = teacher_transform((teacher_hidden @ teacher_weight[:vocab_size].T).to(dtype))
     ce = F.cross_entropy(
         s_logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     ).view_as(labels)

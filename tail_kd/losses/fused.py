@@ -31,6 +31,7 @@ hidden-state gradient is all-reduced, and each rank keeps its rows' weight gradi
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +42,11 @@ from . import kernels
 from .chunk import Chunk, ChunkSequences, Normalisers, Targets
 from .dense import validate_tad_args
 from .divergences import DIVERGENCES, Divergence, make_divergence
+from .logits import IDENTITY, LogitTransform
 from .terms import IGNORE_INDEX, LOSS_TERMS, DistillationLossOutput, LossTerms
 from .vocab_parallel import VocabShards
 
-__all__ = ["fused_distillation_loss", "LossSpec"]
+__all__ = ["fused_distillation_loss", "LossSpec", "CompileFallbackWarning"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class LossSpec:
     ce_weight: float
     chunk_size: int
     compile: bool
+    student_transform: LogitTransform = IDENTITY  # the models' post-processing of their logits
+    teacher_transform: LogitTransform = IDENTITY
 
     @property
     def uses_teacher(self) -> bool:
@@ -72,6 +76,8 @@ class LossSpec:
         ce_weight: float,
         chunk_size: int,
         compile: bool,
+        student_transform: LogitTransform = IDENTITY,
+        teacher_transform: LogitTransform = IDENTITY,
     ) -> LossSpec:
         """Check the settings (a ValueError names the argument) and bind them."""
         if divergence not in DIVERGENCES:
@@ -88,6 +94,8 @@ class LossSpec:
             ce_weight=float(ce_weight),
             chunk_size=int(chunk_size),
             compile=bool(compile),
+            student_transform=student_transform,
+            teacher_transform=teacher_transform,
         )
 
 
@@ -107,6 +115,8 @@ def fused_distillation_loss(
     group: dist.ProcessGroup | None = None,
     chunk_size: int = 1024,
     compile: bool = False,
+    student_transform: LogitTransform = IDENTITY,
+    teacher_transform: LogitTransform = IDENTITY,
 ) -> DistillationLossOutput:
     """Mean over valid tokens of ce_weight * CE + divergence, from hidden states and lm_head weights.
 
@@ -128,6 +138,9 @@ def fused_distillation_loss(
             and the per-token arithmetic between them) as one graph: fewer passes over memory, no
             float32 intermediates, fewer kernel launches; the first call of each configuration
             pays the compilation.
+        student_transform, teacher_transform: what each model does to its lm_head's output
+            before the softmax (a scale, a soft cap: `logits.LogitTransform`); applied to each
+            chunk, with its derivative in the gradient.
     """
     spec = LossSpec.create(
         divergence,
@@ -137,9 +150,11 @@ def fused_distillation_loss(
         ce_weight=ce_weight,
         chunk_size=chunk_size,
         compile=compile,
+        student_transform=student_transform,
+        teacher_transform=teacher_transform,
     )
     _check_shapes(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec)
-    shards = VocabShards(student_weight.shape[0], vocab_size, group)
+    shards = VocabShards(student_weight.shape[0], vocab_size, group, student_weight.device)
     if spec.uses_teacher:
         shards.check_same_rows(teacher_weight.shape[0], vocab_size, "teacher_weight")
     tokens = ValidTokens.from_labels(labels, shards)
@@ -259,10 +274,12 @@ class _FusedDistillationLoss(torch.autograd.Function):
         scale = 1.0 / max(tokens.count, 1)
         want_grad_h, want_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(student.flat) if want_grad_h else None
-        grad_w = torch.zeros_like(s_weight) if want_grad_w else None
+        # The lm_head gradient sums every chunk's: in float32, whatever the weights' dtype (a bf16
+        # sum of many chunks loses the small ones).
+        grad_w = torch.zeros_like(s_weight, dtype=_math_dtype(s_weight)) if want_grad_w else None
         sums = torch.zeros(len(LOSS_TERMS), dtype=_math_dtype(s_weight), device=s_hidden.device)
 
-        chunk_fn = _compiled(_chunk) if spec.compile else _chunk
+        chunk_fn = _compiled(_chunk, s_hidden.device.type) if spec.compile else _chunk
         sequences = None
         if spec.divergence.sequence_normalised:
             sequences = _SequenceState.create(tokens, sums.dtype)
@@ -289,7 +306,7 @@ class _FusedDistillationLoss(torch.autograd.Function):
                 grad_h_rows = shards.sum_(grad_logits @ student.weight).mul_(scale)
                 grad_h.index_copy_(0, rows, grad_h_rows.to(grad_h.dtype))
             if want_grad_w:
-                grad_w[: shards.kept].addmm_(grad_logits.T, s_h)
+                grad_w[: shards.kept] += grad_logits.T @ s_h
 
         terms = _mark_not_computed(LossTerms.unstack(sums * scale), spec)
         loss = terms.ce * spec.ce_weight + terms.divergence
@@ -297,7 +314,7 @@ class _FusedDistillationLoss(torch.autograd.Function):
         if want_grad_h:
             ctx.grad_h = grad_h.view_as(s_hidden)
         if want_grad_w:
-            ctx.grad_w = grad_w.mul_(scale)
+            ctx.grad_w = grad_w.mul_(scale).to(s_weight.dtype)
         ctx.mark_non_differentiable(means)
         return loss, means
 
@@ -326,14 +343,13 @@ def _chunk(inputs: _ChunkInputs, spec: LossSpec, shards: VocabShards, want_grad:
     """The summed loss terms of one chunk (`LossTerms.stack` order) and the gradient w.r.t. its
     student logits on this slice [c, V_r] (None without `want_grad`)."""
     dtype = _math_dtype(inputs.student_weight)
-    s = (
-        inputs.student_hidden @ inputs.student_weight.T
-    )  # raw logits; the passes upcast as they read
+    # Logits in the weights' dtype (bf16 on GPU): the passes upcast as they read.
+    s = _logits(inputs.student_hidden, inputs.student_weight, spec.student_transform)
     targets = Targets.on_slice(inputs.targets, shards, spec.ce_weight)
     label_logit = shards.sum_(kernels.pick(s, targets).to(dtype))
     t = threshold = None
     if spec.uses_teacher:
-        t = inputs.teacher_hidden @ inputs.teacher_weight.T
+        t = _logits(inputs.teacher_hidden, inputs.teacher_weight, spec.teacher_transform)
         threshold = _kth_largest(t, spec.top_k, shards, dtype)
         local = kernels.normalisers(t, s, threshold, dtype)
         norm = Normalisers.from_logsumexps(*shards.logsumexp(local).unbind(1))
@@ -351,7 +367,20 @@ def _chunk(inputs: _ChunkInputs, spec: LossSpec, shards: VocabShards, want_grad:
         teacher_tail_mass=zeros if t is None else norm.alpha_t,
         student_tail_mass=zeros if t is None else norm.alpha_s,
     )
-    return terms.stack().sum(0), divergence.logit_grad
+    grad = divergence.logit_grad
+    if grad is not None and not spec.student_transform.is_identity:
+        # The gradient w.r.t. the lm_head's output: times the transform's derivative.
+        grad = (grad.to(dtype) * spec.student_transform.derivative(s.to(dtype))).to(grad.dtype)
+    return terms.stack().sum(0), grad
+
+
+def _logits(hidden: Tensor, weight: Tensor, transform: LogitTransform) -> Tensor:
+    """A chunk's logits on this slice [c, V_r]: the lm_head's output, post-processed as the model
+    does it (in the math dtype, rounded back to the weights')."""
+    z = hidden @ weight.T
+    if transform.is_identity:
+        return z
+    return transform(z.to(_math_dtype(weight))).to(z.dtype)
 
 
 def _kth_largest(teacher: Tensor, k: int | None, shards: VocabShards, dtype) -> Tensor | None:
@@ -392,21 +421,21 @@ class _SequenceState:
         long_ids = torch.tensor(long_seqs, device=self.ids.device)
         index = torch.isin(self.ids, long_ids).nonzero().squeeze(1)
         sums = torch.zeros_like(self.prepass_mean)
-        tail_mass = _compiled(_teacher_tail_mass) if spec.compile else _teacher_tail_mass
+        tail_mass = _teacher_tail_mass
+        if spec.compile:
+            tail_mass = _compiled(_teacher_tail_mass, self.ids.device.type)
         for start in range(0, index.numel(), spec.chunk_size):
             rows = index[start : start + spec.chunk_size]
             hidden = teacher[tokens.positions[rows]]
-            sums.index_add_(
-                0, self.ids[rows], tail_mass(hidden, teacher.weight, spec.top_k, shards)
-            )
+            sums.index_add_(0, self.ids[rows], tail_mass(hidden, teacher.weight, spec, shards))
         self.prepass_mean[long_ids] = sums[long_ids] / self.tokens[long_ids]
 
 
-def _teacher_tail_mass(hidden: Tensor, weight: Tensor, k: int, shards: VocabShards) -> Tensor:
+def _teacher_tail_mass(hidden: Tensor, weight: Tensor, spec: LossSpec, shards: VocabShards):
     """alpha_T per token [c], from the teacher alone."""
     dtype = _math_dtype(weight)
-    t = hidden @ weight.T
-    threshold = _kth_largest(t, k, shards, dtype)
+    t = _logits(hidden, weight, spec.teacher_transform)
+    threshold = _kth_largest(t, spec.top_k, shards, dtype)
     local = kernels.normalisers(t, t, threshold, dtype)
     return Normalisers.from_logsumexps(*shards.logsumexp(local).unbind(1)).alpha_t
 
@@ -439,13 +468,41 @@ def _plan_chunks(
     return chunks, long_seqs
 
 
+class CompileFallbackWarning(UserWarning):
+    """torch.compile does not work on this machine: the loss runs eager."""
+
+
 @functools.cache
-def _compiled(fn):
+def _compiled(fn, device_type: str):
     """fn through torch.compile, as one graph: around the matmuls and the top-K, a chunk's
     elementwise passes and per-token arithmetic fuse into a few loops whose float32
     intermediates never exist in memory (dynamic shapes: chunks differ in length). Collectives
-    of vocab-parallel groups split the graph where they sit."""
-    return torch.compile(fn, dynamic=True)
+    of vocab-parallel groups split the graph where they sit. `fn` itself where compiling does not
+    work (`_compiler_works`)."""
+    return torch.compile(fn, dynamic=True) if _compiler_works(device_type) else fn
+
+
+@functools.cache
+def _compiler_works(device_type: str) -> bool:
+    """Whether torch.compile works for `device_type` here; if not (no Triton on a GPU node, no C++
+    compiler on a CPU one), one warning. Compiling a tiny function finds out before any chunk,
+    and so any collective of a vocab-parallel group, has run."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+
+    try:
+        probe = torch.compile(lambda x: (x * 2).exp().sum(), dynamic=True)
+        probe(torch.ones(8, device=device_type))
+    except (BackendCompilerFailed, InductorError) as error:
+        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+        warnings.warn(
+            f"torch.compile does not work on this {device_type} node ({first_line}); the loss "
+            "runs eager (slower, same results). Set --set loss.kernels=eager to skip compiling.",
+            CompileFallbackWarning,
+            stacklevel=4,
+        )
+        return False
+    return True
 
 
 def _math_dtype(weight: Tensor) -> torch.dtype:

@@ -30,10 +30,19 @@ class VocabShards:
         vocab_size: global number of real tokens; rows with global index >= vocab_size are padding
             and are dropped from every softmax. None: every row is a real token.
         group: the vocab-parallel process group, or None for a single process.
+        device: where the group's collectives run: the device of the logits (a GPU's NCCL group
+            refuses host tensors).
     """
 
-    def __init__(self, local_rows: int, vocab_size: int | None, group: dist.ProcessGroup | None):
+    def __init__(
+        self,
+        local_rows: int,
+        vocab_size: int | None,
+        group: dist.ProcessGroup | None,
+        device: torch.device,
+    ):
         self.group = group
+        self.device = device
         sizes = self._all_gather_ints(local_rows)
         self.rank = 0 if group is None else dist.get_rank(group)
         self.offset = sum(sizes[: self.rank])
@@ -46,7 +55,7 @@ class VocabShards:
 
     def check_same_rows(self, rows: int, vocab_size: int | None, name: str) -> None:
         """ValueError unless a weight of `rows` local rows holds the same tokens as this one."""
-        other = VocabShards(rows, vocab_size, self.group)
+        other = VocabShards(rows, vocab_size, self.group, self.device)
         if (other.offset, other.kept) != (self.offset, self.kept):
             raise ValueError(
                 f"{name} and student_weight must hold the same token rows on each rank: student "
@@ -58,10 +67,10 @@ class VocabShards:
     def _all_gather_ints(self, value: int) -> list[int]:
         if self.group is None:
             return [value]
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         out = [torch.zeros_like(t) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(out, t, group=self.group)
-        return [int(x) for x in out]
+        return torch.cat(out).tolist()
 
     def _all_gather(self, x: Tensor) -> Tensor:
         """[c, n] on every rank -> [world, c, n]."""

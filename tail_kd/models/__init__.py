@@ -8,6 +8,7 @@ from tail_kd.models.derive import (
     teacher_layer_indices,
 )
 from tail_kd.models.loading import convert_gguf, load_causal_lm, load_tokenizer, resolve_model_dir
+from tail_kd.models.logits import check_logits_reproduced, head_logits, logit_transform
 from tail_kd.models.tiny import build_tiny_pair
 from tail_kd.models.vocab import VocabularyMismatchError, check_vocabularies
 
@@ -16,6 +17,9 @@ __all__ = [
     "build_derived_student",
     "build_once",
     "build_tiny_pair",
+    "check_logits_reproduced",
+    "head_logits",
+    "logit_transform",
     "check_vocabularies",
     "convert_gguf",
     "derive_student_config",

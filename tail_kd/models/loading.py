@@ -39,7 +39,7 @@ def resolve_model_dir(path: str, cache_dir: str | Path, gguf_file: str | None = 
     on first use and cached under `cache_dir`; later calls, from any process, reuse the conversion.
     Raises FileNotFoundError for a missing local path and ValueError for an unreadable GGUF file.
     """
-    gguf_path = _find_gguf(path, gguf_file)
+    gguf_path = find_gguf(path, gguf_file)
     if gguf_path is not None:
         return str(convert_gguf(gguf_path, cache_dir))
     local = Path(path).expanduser()
@@ -57,15 +57,39 @@ def resolve_model_dir(path: str, cache_dir: str | Path, gguf_file: str | None = 
 
 def convert_gguf(gguf_path: str | Path, cache_dir: str | Path) -> Path:
     """Convert a GGUF model to a float32 safetensors folder under `cache_dir`, once; return it.
-
-    The folder is `<cache_dir>/gguf/<file stem>-<hash of the file's size and mtime>`, so a changed
-    file gets a fresh conversion. Concurrent callers wait for the one that converts.
-    """
+    Concurrent callers wait for the one that converts."""
     gguf_path = Path(gguf_path).resolve()
+    target = gguf_conversion(gguf_path, cache_dir)
+    return build_once(target, lambda out: _convert_gguf_into(gguf_path, out))
+
+
+def gguf_conversion(gguf_path: Path, cache_dir: str | Path) -> Path:
+    """Where `convert_gguf` puts the conversion of `gguf_path` (made or not yet):
+    `<cache_dir>/gguf/<file stem>-<hash of the file's size and mtime>`, so that a changed file
+    gets a fresh conversion."""
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = Path(cache_dir) / "gguf" / f"{gguf_path.stem}-{key}"
-    return build_once(target, lambda out: _convert_gguf_into(gguf_path, out))
+    return Path(cache_dir) / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+# What a training job reads of a hub model: config, tokenizer, generation config, weights.
+_METADATA_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+_WEIGHT_FILES = ["*.safetensors"]
+
+
+def is_hub_id(path: str, gguf_file: str | None = None) -> bool:
+    """Whether a model reference names a model on the hub (not a local folder or file)."""
+    return gguf_file is None and not Path(path).expanduser().exists() and not _looks_like_path(path)
+
+
+def fetch_from_hub(repo_id: str, *, weights: bool, local_only: bool = False) -> str:
+    """Download a hub model's config, tokenizer and (`weights`) safetensors into the Hugging Face
+    cache, where `from_pretrained` then finds them offline (HF_HUB_OFFLINE=1); with `local_only`,
+    only check that they are there (OSError if not). Returns the local snapshot folder."""
+    from huggingface_hub import snapshot_download
+
+    patterns = _METADATA_FILES + (_WEIGHT_FILES if weights else [])
+    return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only)
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
@@ -78,7 +102,7 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype | str) -> PreTraine
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
 
 
-def _find_gguf(path: str, gguf_file: str | None) -> Path | None:
+def find_gguf(path: str, gguf_file: str | None) -> Path | None:
     """The local GGUF file that `path` (+ `gguf_file`) refers to, or None if it is not a GGUF."""
     local = Path(path).expanduser()
     if gguf_file is not None:

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import datasets
 
+from tail_kd.config import default_cache_dir
 from tail_kd.eval.maths import held_out_problems, is_correct
 
 FEWSHOT_EXAMPLES = 8  # training problems offered for --num_fewshot
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TAIL_KD_CACHE") or Path.home() / ".cache" / "tail_kd"
-    return Path(root) / "lm_eval"
+    return Path(default_cache_dir()) / "lm_eval"
 
 
 def _write_jsonl(path: Path, pairs: list[tuple[str, str]]) -> None:
