@@ -25,7 +25,8 @@
 # The trainer's contract is asked of the package, never written again here:
 #   python -m tail_kd.exit_status                 TKD_EXIT_USAGE, TKD_EXIT_PREEMPTED, ...
 #   python -m tail_kd.cli status RUN_DIR --shell  TKD_RUN_STATE (new | in progress | finished)
-#                                                 and TKD_RUN_STEP (newest complete checkpoint)
+#                                                 TKD_RUN_STEP (newest complete checkpoint, 0 if none)
+#                                                 and TKD_RUN_NEWEST ("step N" or "none")
 #   python -m tail_kd.rendezvous                  MASTER_ADDR, MASTER_PORT of the job
 
 tkd_log() { echo "[tail-kd $(date '+%F %T')] $*"; }
@@ -233,7 +234,7 @@ tkd_setup() {
   tkd_resume_args
   TKD_TRAIN_ARGS=("$TKD_RECIPE" "${TKD_TRAIN_ARGS[@]}")
   tkd_log "rendezvous $MASTER_ADDR:$MASTER_PORT; output dir $TKD_OUTPUT_DIR" \
-          "(newest complete checkpoint: step $TKD_START_STEP)"
+          "(newest complete checkpoint: $TKD_RUN_NEWEST)"
   tkd_log "TensorBoard: tensorboard --logdir $(dirname "$TKD_OUTPUT_DIR")"
 }
 
@@ -365,9 +366,9 @@ tkd_finish() {
   if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "$TKD_TERMINATED" ] &&
      { [ "$status" = "$TKD_EXIT_PREEMPTED" ] ||
        { [ -n "$TKD_SIGNALLED" ] && [ "$status" != "$TKD_EXIT_USAGE" ]; }; }; then
-    tkd_log "stopped early (status $status); newest complete checkpoint: step $step"
+    tkd_log "stopped early (status $status); newest complete checkpoint: $TKD_RUN_NEWEST"
     tkd_requeue "$step"
   fi
-  tkd_log "the launch exited with status $status (newest complete checkpoint: step $step)"
+  tkd_log "the launch exited with status $status (newest complete checkpoint: $TKD_RUN_NEWEST)"
   exit "$status"
 }

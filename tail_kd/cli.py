@@ -5,7 +5,7 @@
     tail-kd export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16]
     tail-kd eval MODEL_OR_RUN [--data RECIPE_OR_FILE] [--teacher PATH] [--gsm N] [--out FILE]
     tail-kd prepare-data RECIPE.yaml [--set KEY=VALUE ...]
-    tail-kd plan RECIPE.yaml [--gpus N] [--gpu-memory GB] [--set KEY=VALUE ...]
+    tail-kd plan RECIPE.yaml [--gpus N] [--gpu-memory GB] [--teacher-config PATH] [--set ...]
 
 `train` runs in this process for one rank. With `--nproc N` it validates the recipe, then starts N
 local ranks through the DeepSpeed launcher (`deepspeed --num_gpus N --module tail_kd.train ...`,
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return export_main(rest)
     if command == "eval":
-        from tail_kd.eval.evaluate import main as eval_main
+        from tail_kd.eval.command import main as eval_main
 
         return eval_main(rest)
     if command == "prepare-data":
@@ -71,8 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(argv: list[str]) -> int:
     from tail_kd import train
     from tail_kd.config import RecipeError
-    from tail_kd.distributed import free_port, resolve_device
     from tail_kd.exit_status import EXIT_USAGE
+    from tail_kd.topology import free_port
 
     parser = train.build_parser(prog="tail-kd train")
     parser.add_argument(
@@ -88,6 +88,8 @@ def _train(argv: list[str]) -> int:
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    from tail_kd.distributed import resolve_device
+
     env = dict(os.environ)
     if resolve_device(recipe.device) == "cpu":
         env.update(DS_ACCELERATOR="cpu", **{k: v for k, v in CPU_MALLOC.items() if k not in env})

@@ -221,13 +221,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not all(0 <= b < 1 for b in self.betas):
             raise _FieldError("betas", f"expected two numbers in [0, 1), got {list(self.betas)}")
-        if self.warmup_steps > self.steps:
-            raise _FieldError(
-                "warmup_steps", f"{self.warmup_steps} exceeds train.steps ({self.steps})"
-            )
         problem = _batch_split_problem(self, world_size=1)
         if problem:
             raise _FieldError("global_batch_size", problem)
+
+    @property
+    def effective_warmup_steps(self) -> int:
+        """The warm-up a run uses: `warmup_steps`, cut to `steps` when longer (`Recipe.notes`)."""
+        return min(self.warmup_steps, self.steps)
 
 
 @dataclass
@@ -322,15 +323,38 @@ class Recipe:
             self.log.tensorboard_dir = os.path.join(self.output_dir, "tensorboard")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
+    def from_dict(
+        cls, data: Mapping[str, Any], origin: str = "recipe", overrides: Iterable[str] = ()
+    ) -> Recipe:
         """Build and validate a recipe from plain data (a parsed YAML file, a saved `to_dict`).
 
-        `origin` (usually the file name) starts every error message.
+        `origin` (usually the file name) starts every error message, except those about a field
+        that one of the `overrides` (`--set KEY=VALUE`, already applied to `data`) set: they
+        start with `--set`.
         """
         try:
             return _build(cls, data, section="")
+        except _FieldError as error:
+            if error.field_path in _override_keys(overrides):
+                raise RecipeError(f"--set {error}") from None
+            raise RecipeError(f"{origin}: {error}") from None
         except RecipeError as error:
             raise RecipeError(f"{origin}: {error}") from None
+
+    def notes(self) -> list[str]:
+        """What to know before reading this recipe's numbers (a run prints it first and last)."""
+        notes = []
+        if self.train.warmup_steps > self.train.steps:
+            notes.append(
+                f"train.warmup_steps {self.train.warmup_steps} is more than train.steps "
+                f"{self.train.steps}: the warm-up is cut to {self.train.steps} steps"
+            )
+        if self.teacher.path == "tiny://":
+            notes.append(
+                "the tiny:// teacher has random weights: KL to it and agreement with it need not "
+                "improve; this recipe checks the machinery, not the method"
+            )
+        return notes
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (dicts, lists, scalars) that `from_dict` turns back into an equal recipe."""
@@ -455,11 +479,7 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
         raise RecipeError(
             f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}"
         )
-    try:
-        data = apply_overrides(data, overrides)
-    except RecipeError as error:
-        raise RecipeError(f"{path}: {error}") from None
-    return Recipe.from_dict(data, origin=str(path))
+    return Recipe.from_dict(apply_overrides(data, overrides), str(path), overrides)
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -474,7 +494,10 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
         if not sep or not key:
             raise RecipeError(f"--set expects KEY=VALUE (e.g. train.lr=3e-4), got {override!r}")
         parts = key.strip().split(".")
-        _check_key(parts)
+        try:
+            _check_key(parts)
+        except RecipeError as error:
+            raise RecipeError(f"--set {override}: {error}") from None
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as error:
@@ -490,6 +513,11 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
             node = node[part]
         node[parts[-1]] = value
     return data
+
+
+def _override_keys(overrides: Iterable[str]) -> set[str]:
+    """The dotted keys that `KEY=VALUE` overrides set."""
+    return {override.partition("=")[0].strip() for override in overrides}
 
 
 def _check_key(parts: list[str]) -> None:

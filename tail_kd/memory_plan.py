@@ -44,21 +44,26 @@ The estimate is for planning: it is checked against measured peaks (tools/bench_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from tail_kd.config import (
     Recipe,
+    RecipeError,
     add_override_argument,
     load_recipe,
     vocab_parallel_problem,
 )
 from tail_kd.deepspeed_config import model_dtype, offloaded, student_config
 from tail_kd.exit_status import EXIT_USAGE, UsageError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 __all__ = [
     "ModelShape",
@@ -68,6 +73,9 @@ __all__ = [
     "activation_bytes_per_token_layer",
     "estimate",
     "largest_micro_batch",
+    "splitting_micro_batch",
+    "plan_configs",
+    "option_overrides",
     "main",
 ]
 
@@ -122,7 +130,8 @@ class Setup:
     gpus: int
     gpus_per_node: int
     seq_len: int
-    micro_batch_size: int
+    micro_batch_size: int  # the recipe's, or the largest below it that splits the global batch
+    recipe_micro_batch_size: int
     global_batch_size: int
     student_bytes: int  # d: bytes per element of the student's training dtype
     teacher_bytes: int  # d_t
@@ -135,7 +144,22 @@ class Setup:
 
 
 def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> Setup:
-    """The memory-relevant settings of `recipe`, with DeepSpeed's config as the trainer builds it."""
+    """The memory-relevant settings of `recipe`, with DeepSpeed's config as the trainer builds it.
+
+    A micro-batch that does not split `train.global_batch_size` over `gpus` is replaced by the
+    largest one below it that does (the plan says so); a global batch that no micro-batch splits
+    is an error.
+    """
+    train = recipe.train
+    micro_batch = splitting_micro_batch(train.micro_batch_size, train.global_batch_size, gpus)
+    if micro_batch == 0:
+        raise RecipeError(
+            f"train.global_batch_size: {train.global_batch_size} sequences do not split evenly "
+            f"over {gpus} GPUs: make it a multiple of {gpus}"
+        )
+    recipe = dataclasses.replace(
+        recipe, train=dataclasses.replace(train, micro_batch_size=micro_batch)
+    )
     recipe.check_world_size(gpus)
     offload = offloaded(student_config(recipe, gpus, device))
     kernels = recipe.loss.kernels
@@ -144,7 +168,8 @@ def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> S
         gpus=gpus,
         gpus_per_node=gpus_per_node,
         seq_len=recipe.data.seq_len,
-        micro_batch_size=recipe.train.micro_batch_size,
+        micro_batch_size=micro_batch,
+        recipe_micro_batch_size=train.micro_batch_size,
         global_batch_size=recipe.train.global_batch_size,
         student_bytes=model_dtype(recipe.train.precision, device).itemsize,
         teacher_bytes=model_dtype(recipe.teacher.dtype, device).itemsize,
@@ -249,10 +274,11 @@ def largest_micro_batch(student: ModelShape, teacher: ModelShape, setup: Setup, 
     return best
 
 
-def _valid_micro_batch(limit: int, setup: Setup) -> int:
-    """The largest micro-batch <= `limit` that splits global_batch_size over the GPUs evenly."""
+def splitting_micro_batch(limit: int, global_batch_size: int, gpus: int) -> int:
+    """The largest micro-batch <= `limit` that splits `global_batch_size` over `gpus` evenly
+    (gradient accumulation makes up the rest), or 0 if none does."""
     for micro_batch in range(limit, 0, -1):
-        if setup.global_batch_size % (micro_batch * setup.gpus) == 0:
+        if global_batch_size % (micro_batch * gpus) == 0:
             return micro_batch
     return 0
 
@@ -285,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="cuda",
         help="plan for GPUs (default) or for CPU ranks (float32, eager loss, no CUDA overhead)",
     )
+    parser.add_argument(
+        "--teacher-config",
+        metavar="PATH",
+        help="the teacher's config.json (or its folder), instead of the recipe's teacher",
+    )
+    parser.add_argument(
+        "--student-config",
+        metavar="PATH",
+        help="the student's config.json (or its folder), for student.init config or pretrained",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     add_override_argument(parser)
     return parser
@@ -303,9 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         setup = setup_of(recipe, device=args.device, gpus=args.gpus, gpus_per_node=gpus_per_node)
-        from tail_kd.pair import model_configs
-
-        _, teacher_config, student_config = model_configs(recipe)
+        teacher_config, student_config = plan_configs(
+            recipe, args.teacher_config, args.student_config
+        )
     except (UsageError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -317,6 +353,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as file:
             json.dump(plan, file, indent=2)
     return 0 if plan["fits"] else 1
+
+
+def plan_configs(
+    recipe: Recipe, teacher_config: str | None = None, student_config: str | None = None
+) -> tuple[PretrainedConfig, PretrainedConfig]:
+    """The teacher's and the student's configs, read without weights and, for the shipped
+    recipes, without the hub: the `--teacher-config`/`--student-config` given, else the config
+    tail-kd ships for a recipe's hub model (tail_kd/models/shipped.py), else the model's own (a
+    local folder or GGUF file; a hub model's config is downloaded)."""
+    from transformers import AutoConfig
+
+    from tail_kd.models.shipped import shipped_config_dir
+    from tail_kd.pair import resolve_teacher, student_config_of
+
+    teacher_source = (
+        teacher_config or shipped_config_dir(recipe.teacher.path) or resolve_teacher(recipe)
+    )
+    teacher = AutoConfig.from_pretrained(teacher_source)
+    student_source = student_config or shipped_config_dir(recipe.student.path)
+    return teacher, student_config_of(recipe, teacher, student_source)
 
 
 # From fastest to most frugal: (offload_optimizer, offload_param, activation_checkpointing).
@@ -365,7 +421,9 @@ def make_plan(
                 "offload_param": offload_param,
                 "activation_checkpointing": checkpointing,
                 "largest_micro_batch": limit,
-                "largest_valid_micro_batch": _valid_micro_batch(limit, variant),
+                "largest_valid_micro_batch": splitting_micro_batch(
+                    limit, variant.global_batch_size, variant.gpus
+                ),
                 "host_bytes_per_node": host_bytes_per_node(student, teacher, variant),
             }
         )
@@ -386,14 +444,24 @@ def make_plan(
     }
 
 
-def option_overrides(option: dict) -> list[str]:
-    """The `--set` values that select an option of `make_plan`."""
+def option_overrides(option: dict, micro_batch_size: int | None = None) -> list[str]:
+    """The `--set` values that select an option of `make_plan` (and `micro_batch_size`, if given).
+
+    With the optimizer offloaded, `torch_adam=false` has DeepSpeed step it with its own CPU Adam
+    (compiled on first use, which needs g++) instead of torch's AdamW, several times faster on
+    the CPU. This is the one place tail-kd gives that advice: recipes and READMEs point here.
+    """
     zero = "deepspeed.zero_optimization"
-    return [
+    overrides = [
         f"{zero}.offload_optimizer.device={'cpu' if option['offload_optimizer'] else 'none'}",
         f"{zero}.offload_param.device={'cpu' if option['offload_param'] else 'none'}",
         f"train.activation_checkpointing={str(option['activation_checkpointing']).lower()}",
     ]
+    if option["offload_optimizer"]:
+        overrides.append("deepspeed.optimizer.params.torch_adam=false")
+    if micro_batch_size is not None:
+        overrides.append(f"train.micro_batch_size={micro_batch_size}")
+    return overrides
 
 
 def _option_name(option: dict) -> tuple[str, str]:
@@ -417,6 +485,16 @@ def format_plan(recipe_path: str, plan: dict) -> str:
         f"({student['layers']} layers, hidden {student['hidden']}); "
         f"{student['vocab_rows']} lm_head rows",
         "",
+        *(
+            [
+                f"micro-batch: the recipe's {setup['recipe_micro_batch_size']} does not split "
+                f"global_batch_size {setup['global_batch_size']} over {setup['gpus']} GPUs; "
+                f"planned with {setup['micro_batch_size']} (--set "
+                f"train.micro_batch_size={setup['micro_batch_size']})"
+            ]
+            if setup["micro_batch_size"] != setup["recipe_micro_batch_size"]
+            else []
+        ),
         f"per GPU with the recipe's settings (ZeRO-3 offload: {offload}, activation "
         f"checkpointing {checkpointing}) at micro-batch {setup['micro_batch_size']} x "
         f"{setup['seq_len']} tokens:",
@@ -450,7 +528,11 @@ def format_plan(recipe_path: str, plan: dict) -> str:
             f"fastest option that fits micro-batch {setup['micro_batch_size']}: offload "
             f"{offload}, checkpointing {checkpointing}:"
         )
-        lines.append("  " + " ".join(f"--set {value}" for value in option_overrides(recommended)))
+        changed = setup["micro_batch_size"] != setup["recipe_micro_batch_size"]
+        flags = option_overrides(recommended, setup["micro_batch_size"] if changed else None)
+        lines.append("  " + " ".join(f"--set {value}" for value in flags))
+        if recommended["offload_optimizer"]:
+            lines.append("  (torch_adam=false: DeepSpeed's CPU Adam, compiled on first use: g++)")
     elif any(option["largest_micro_batch"] for option in plan["options"]):
         lines.append(
             f"micro-batch {setup['micro_batch_size']} fits no option: lower "

@@ -8,7 +8,6 @@ dropped and the curve continues as one line.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Mapping
 
@@ -50,7 +49,8 @@ _SHORT_NAMES = {
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
-    """`loss 3.2101 | ce 2.9012 | ... | lr 1.00e-04 | tok/s 351` for the names known here."""
+    """`loss 3.21 | ce 2.901 | ... | lr 1.00e-04 | tok/s 351` for the names known here: four
+    significant digits, so that a value of 1.4e-10 shows its size instead of `0.0000`."""
     parts = []
     for name, short in _SHORT_NAMES.items():
         if name not in metrics:
@@ -61,7 +61,7 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
         elif name == "tokens_per_sec":
             text = f"{value:.0f}"
         else:
-            text = f"{value:.4f}" if math.isfinite(value) else str(value)
+            text = f"{value:.4g}"
         parts.append(f"{short} {text}")
     return " | ".join(parts)
 
@@ -111,7 +111,7 @@ class Monitor:
             return
         for name in TRAIN_SCALARS:
             self.writer.add_scalar(f"train/{name}", metrics[name], step)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
         self.print(f"step {step}/{self.total_steps} | {format_metrics(metrics)}")
 
     def log_eval(self, step: int, metrics: Mapping[str, float]) -> None:

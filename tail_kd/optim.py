@@ -30,7 +30,7 @@ def lr_scheduler(train: TrainConfig):
     """`optimizer -> LambdaLR` with the recipe's warm-up + cosine (what DeepSpeed takes)."""
     schedule = functools.partial(
         warmup_cosine,
-        warmup_steps=train.warmup_steps,
+        warmup_steps=train.effective_warmup_steps,
         total_steps=train.steps,
         min_ratio=train.min_lr_ratio,
     )

@@ -44,7 +44,15 @@ from tail_kd.models import (
     resolve_model_dir,
 )
 
-__all__ = ["ModelPlan", "model_configs", "plan_models", "load_models", "resolve_reference"]
+__all__ = [
+    "ModelPlan",
+    "model_configs",
+    "resolve_teacher",
+    "student_config_of",
+    "plan_models",
+    "load_models",
+    "resolve_reference",
+]
 
 
 def resolve_reference(path: str, cache_dir: str | Path) -> str:
@@ -80,23 +88,36 @@ class ModelPlan:
 
 def model_configs(recipe: Recipe) -> tuple[str, PretrainedConfig, PretrainedConfig]:
     """(teacher folder, teacher config, student config): the models' shapes, without tokenizers
-    or weights (what `tail-kd plan` needs).
+    or weights."""
+    teacher_dir = resolve_teacher(recipe)
+    teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    return teacher_dir, teacher_config, student_config_of(recipe, teacher_config)
+
+
+def resolve_teacher(recipe: Recipe) -> str:
+    """The folder (or hub id) `from_pretrained` loads the recipe's teacher from.
 
     Resolving the teacher may build something into the cache (a GGUF file converted, the tiny
     teacher): the first process to get there builds it under a file lock, the others wait for it
     and reuse it (tail_kd/models/cache.py), whatever their rank.
     """
-    t_cfg, s_cfg = recipe.teacher, recipe.student
-    reference = resolve_reference(t_cfg.path, recipe.cache_dir)
+    reference = resolve_reference(recipe.teacher.path, recipe.cache_dir)
     try:
-        teacher_dir = resolve_model_dir(reference, recipe.cache_dir, t_cfg.gguf_file)
+        return resolve_model_dir(reference, recipe.cache_dir, recipe.teacher.gguf_file)
     except ValueError as error:  # e.g. an unreadable GGUF file
         raise RecipeError(f"teacher.path: {error}") from None
-    teacher_config = AutoConfig.from_pretrained(teacher_dir)
+
+
+def student_config_of(
+    recipe: Recipe, teacher_config: PretrainedConfig, source: str | Path | None = None
+) -> PretrainedConfig:
+    """The student's config: derived from `teacher_config` (`student.init: derived`), else read
+    from `source` (default `student.path`: a folder, hub id or config.json file)."""
+    s_cfg = recipe.student
     if s_cfg.init != "derived":
-        return teacher_dir, teacher_config, AutoConfig.from_pretrained(s_cfg.path)
+        return AutoConfig.from_pretrained(source or s_cfg.path)
     try:
-        student_config = derive_student_config(
+        return derive_student_config(
             teacher_config,
             num_layers=s_cfg.num_layers,
             hidden_size=s_cfg.hidden_size,
@@ -106,7 +127,6 @@ def model_configs(recipe: Recipe) -> tuple[str, PretrainedConfig, PretrainedConf
         )
     except ValueError as error:
         raise RecipeError(str(error)) from None
-    return teacher_dir, teacher_config, student_config
 
 
 def plan_models(recipe: Recipe) -> ModelPlan:
@@ -129,6 +149,16 @@ def plan_models(recipe: Recipe) -> ModelPlan:
         )
     except VocabularyMismatchError as error:
         raise RecipeError(f"teacher/student vocabularies: {error}") from None
+    if vocab_size < len(teacher_tokenizer):
+        # Accepted by check_vocabularies (a prefix of the teacher's), but the data are tokenised
+        # with the teacher's tokenizer: ids the student has no token for would reach it.
+        raise RecipeError(
+            f"student.path {recipe.student.path}: its tokenizer has {vocab_size} tokens, the "
+            f"teacher's {len(teacher_tokenizer)}; the data are tokenised with the teacher's, so "
+            f"ids {vocab_size} to {len(teacher_tokenizer) - 1} would reach a student that has no "
+            "such tokens. Give the student the teacher's tokenizer (save it into the student's "
+            "folder) or distil within one tokenizer family"
+        )
     _check_fit(recipe, teacher_config, student_config, vocab_size)
     return ModelPlan(
         teacher_dir,

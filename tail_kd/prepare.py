@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tail_kd.config import Recipe, add_override_argument, load_recipe
+from tail_kd.data.sources import open_source
 from tail_kd.exit_status import EXIT_USAGE, UsageError
 
 __all__ = ["Item", "prepare", "main"]
@@ -43,6 +44,7 @@ class Item:
 
 def prepare(recipe: Recipe, *, check: bool) -> list[Item]:
     """Fetch and build what `recipe`'s jobs need (or with `check`, only look); report each item."""
+    open_source(recipe.data, recipe.seed)  # a missing data file: say so before the models load
     teacher = _model_item(
         "teacher", recipe.teacher.path, recipe, True, recipe.teacher.gguf_file, check
     )
@@ -91,7 +93,8 @@ def _model_item(
 
 
 def _data_item(recipe: Recipe, check: bool) -> Item:
-    from tail_kd.data import cached_entry, is_complete, prepare_datasets
+    from tail_kd.data.cache import is_complete
+    from tail_kd.data.prepared import cached_entry, prepare_datasets
     from tail_kd.models import load_tokenizer, resolve_model_dir
     from tail_kd.pair import resolve_reference
 

@@ -39,6 +39,7 @@ __all__ = [
     "RunStatus",
     "complete_checkpoints",
     "find_checkpoint",
+    "is_run_dir",
     "read_done",
     "write_done",
     "check_output_dir",
@@ -85,6 +86,11 @@ class Checkpoint:
     def rank_state(self, rank: int) -> dict[str, Any]:
         """What `rank` saved: its data-loader position and RNG states."""
         return json.loads((self.path / RANK_STATE_DIR / f"rank-{rank:05d}.json").read_text())
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a training run's output directory (it has the student's spec)."""
+    return (Path(path) / STUDENT_DIR / "config.json").is_file()
 
 
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[Checkpoint]:
@@ -222,8 +228,10 @@ def run_status(run_dir: str | os.PathLike) -> RunStatus:
 
 
 def _shell_lines(status: RunStatus) -> list[str]:
-    """`NAME=value` lines for `eval` in a shell: the run's state and newest complete step."""
-    values = {"TKD_RUN_STATE": status.state, "TKD_RUN_STEP": status.step}
+    """`NAME=value` lines for `eval` in a shell: the run's state, its newest complete step (0 if
+    none) and the same for people ("step 5", "none")."""
+    newest = f"step {status.step}" if status.checkpoints else "none"
+    values = {"TKD_RUN_STATE": status.state, "TKD_RUN_STEP": status.step, "TKD_RUN_NEWEST": newest}
     return [f"{name}={shlex.quote(str(value))}" for name, value in values.items()]
 
 
@@ -254,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     form.add_argument(
         "--shell",
         action="store_true",
-        help="print TKD_RUN_STATE=... and TKD_RUN_STEP=... for a shell's eval",
+        help="print TKD_RUN_STATE=..., TKD_RUN_STEP=... and TKD_RUN_NEWEST=... for a shell's eval",
     )
     args = parser.parse_args(argv)
     status = run_status(args.run_dir)

@@ -19,7 +19,8 @@ from transformers.utils import logging as hf_logging
 
 from tail_kd.checkpoint import CheckpointManager
 from tail_kd.config import Recipe, RecipeError, vocab_parallel_problem
-from tail_kd.data import DistillationLoader, build_datasets
+from tail_kd.data.loader import DistillationLoader
+from tail_kd.data.prepared import build_datasets
 from tail_kd.deepspeed_config import check_deepspeed_config, model_dtype
 from tail_kd.distributed import DistContext
 from tail_kd.export import save_student_spec

@@ -6,7 +6,7 @@
     srun python -m tail_kd.train recipes/tiny/tad.yaml                       # ranks from SLURM_*
 
 This module is the entry point: it parses the command line into `TrainOptions`, checks the
-recipe, the batch split and the output directory, fills the caches (`tail-kd prepare-data`'s work,
+recipe, the batch split, the output directory and the data paths, fills the caches (`tail-kd prepare-data`'s work,
 a no-op when it was done ahead) before the process group is joined, then has
 `tail_kd.run_setup.set_up_run` build the run and `Trainer.train` run it, and maps what can go
 wrong to the exit statuses of tail_kd/exit_status.py. A run with `--resume` continues from the
@@ -28,16 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tail_kd.checkpoint import CheckpointWriteError
 from tail_kd.config import Recipe, RecipeError, add_override_argument, load_recipe
-from tail_kd.data.sources import DataError
-from tail_kd.distributed import (
-    collective_failure,
-    collective_timeout,
-    discover_topology,
-    init_distributed,
-    resolve_device,
-)
+from tail_kd.data.sources import DataError, open_source
 from tail_kd.exit_status import (
     EXIT_CHECKPOINT_WRITE,
     EXIT_RANK_LOST,
@@ -46,9 +38,13 @@ from tail_kd.exit_status import (
 )
 from tail_kd.run_dir import check_output_dir, complete_checkpoints
 from tail_kd.signals import StopFlag
+from tail_kd.topology import discover_topology
 
-# tail_kd.run_setup imports DeepSpeed, which fixes its accelerator (cpu or cuda) at import time:
-# it is imported only after init_distributed has chosen the device.
+# Only what checks the command line, the recipe and its paths is imported above (the standard
+# library and PyYAML), so that a mistake is reported in a fraction of a second; torch, DeepSpeed,
+# transformers and datasets are imported once those checks passed. tail_kd.run_setup imports
+# DeepSpeed, which fixes its accelerator (cpu or cuda) at import time: it is imported only after
+# init_distributed has chosen the device.
 
 __all__ = ["TrainOptions", "build_parser", "parse_options", "load_options_recipe", "run", "main"]
 
@@ -153,11 +149,16 @@ def run(options: TrainOptions) -> int:
         check_output_dir(
             Path(recipe.output_dir), resume=options.resume, overwrite=options.overwrite
         )
+        open_source(recipe.data, recipe.seed)  # a missing data file: say so before any import
+        from tail_kd.distributed import init_distributed, resolve_device
+
         resolve_device(recipe.device)  # a cuda recipe on a machine without GPU: say so first
         _fill_caches(recipe)
         ctx = init_distributed(recipe.device, topology)
     except UsageError as error:
         return _input_error(error, rank)
+    from tail_kd.checkpoint import CheckpointWriteError
+    from tail_kd.distributed import collective_failure
     from tail_kd.run_setup import set_up_run
 
     try:
@@ -206,6 +207,8 @@ def _rank_lost_message(error: BaseException, rank: int, run_dir: Path) -> str:
     where = " in " + " > ".join(
         f"{f.name} ({Path(f.filename).name}:{f.lineno})" for f in frames[-2:]
     )
+    from tail_kd.distributed import collective_timeout
+
     checkpoints = complete_checkpoints(run_dir)
     newest = f"step {checkpoints[-1].step}" if checkpoints else "none"
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -23,7 +23,7 @@ from datasets import Dataset
 
 from tail_kd.checkpoint import CheckpointManager, capture_rng, restore_rng
 from tail_kd.config import Recipe
-from tail_kd.data import DistillationLoader
+from tail_kd.data.loader import DistillationLoader
 from tail_kd.distiller import Distiller
 from tail_kd.distributed import DistContext
 from tail_kd.eval.metrics import TokenMetrics
@@ -95,6 +95,7 @@ class Trainer:
         """Train to the end (or to a stop); return the exit status."""
         self.monitor.start(self.step)
         self.monitor.print(f"TensorBoard: tensorboard --logdir {self.monitor.log_dir.parent}")
+        self._print_notes()
         try:
             return self._train()
         finally:
@@ -148,10 +149,15 @@ class Trainer:
         if self.first_eval is not None and self.last_eval is not None:
             before, after = self.first_eval, self.last_eval
             self.monitor.print(
-                f"held-out: ce {before['ce']:.4f} -> {after['ce']:.4f} | "
-                f"kl_to_teacher {before['kl_to_teacher']:.4f} -> {after['kl_to_teacher']:.4f}"
+                f"held-out: ce {before['ce']:.4g} -> {after['ce']:.4g} | "
+                f"kl_to_teacher {before['kl_to_teacher']:.4g} -> {after['kl_to_teacher']:.4g}"
             )
+        self._print_notes()
         return 0
+
+    def _print_notes(self) -> None:
+        for note in self.recipe.notes():
+            self.monitor.print(f"note: {note}")
 
     def train_step(self) -> StepResult:
         """One optimizer step: `accumulation` micro-batches forward + backward, then the update.

@@ -23,15 +23,10 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from tail_kd import prepare
 from tail_kd.config import DataConfig, load_recipe
-from tail_kd.data import (
-    DataError,
-    DistillationLoader,
-    build_datasets,
-    prepare_datasets,
-    pretrain,
-    sft,
-)
-from tail_kd.data.sources import FileSource, GsmSymbolicSource, HubSource, open_source
+from tail_kd.data import pretrain, sft
+from tail_kd.data.loader import DistillationLoader
+from tail_kd.data.prepared import build_datasets, prepare_datasets
+from tail_kd.data.sources import DataError, FileSource, GsmSymbolicSource, HubSource, open_source
 from tail_kd.models.loading import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,16 +9,10 @@ import textwrap
 import pytest
 import torch
 
-from tail_kd.distributed import (
-    Topology,
-    cuda_device_index,
-    discover_topology,
-    free_port,
-    resolve_device,
-    shared_devices,
-)
+from tail_kd.distributed import cuda_device_index, resolve_device, shared_devices
 from tail_kd.exit_status import UsageError
 from tail_kd.rendezvous import first_node_address
+from tail_kd.topology import Topology, discover_topology, free_port
 
 # What `scontrol` answers on a cluster whose node names do not resolve (as on the emulated one).
 FAKE_SCONTROL = """#!/bin/sh

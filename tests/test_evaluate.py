@@ -312,7 +312,8 @@ def tiny(tmp_path_factory):
 def test_eval_of_a_run_matches_the_model_loss_the_trainer_and_its_export(tiny, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tail_kd.eval.evaluate import REPORTED, load_eval_data, main
+    from tail_kd.eval.command import main
+    from tail_kd.eval.evaluate import REPORTED, load_eval_data
 
     report_path = tiny["root"] / "run-report.json"
     tensorboard = tiny["root"] / "tb"
@@ -380,7 +381,7 @@ def test_eval_of_data_files_and_input_errors(tiny, capsys):
     from transformers import AutoTokenizer
 
     from tail_kd.data.sft import tokenize_example
-    from tail_kd.eval.evaluate import main
+    from tail_kd.eval.command import main
 
     records = [{"question": "How many days are in a week?", "answer": "Seven.\n#### 7"},
                {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}]  # fmt: skip
@@ -444,3 +445,19 @@ def test_lm_eval_harness_runs_the_shipped_task_on_the_exported_student(tiny):
         assert sample["exact_match"] == is_correct(sample["resps"][0][0], sample["doc"]["answer"])
     generated = sorted(p.name for p in (tiny["root"] / "lm_cache" / "lm_eval").iterdir())
     assert len(generated) == 2 and all(name.endswith(".jsonl") for name in generated)
+
+
+def test_printed_metrics_show_their_size():
+    """A Full-ECE of 1.4e-10 is printed as such, not as 0.0000 (four significant digits)."""
+    from tail_kd.eval.evaluate import format_report
+    from tail_kd.monitor import format_metrics
+
+    metrics = {"ce": 2.901234, "full_ece": 1.4e-10, "top1_accuracy": 0.5}
+    report = {"model": "m", "step": 3, "data": {"sequences": 2, "positions": 9}, "metrics": metrics}
+    assert (
+        format_report(report).splitlines()[1] == "ce 2.901 | top1_accuracy 0.5 | full_ece 1.4e-10"
+    )
+    assert (
+        format_metrics({**metrics, "lr": 1e-4})
+        == "ce 2.901 | top1 0.5 | full_ece 1.4e-10 | lr 1.00e-04"
+    )

@@ -18,6 +18,7 @@ plus two processes that only join a process group, to see a hung rank time out.
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,10 +36,10 @@ from tail_kd import run_setup
 from tail_kd.checkpoint import DEEPSPEED_TAG
 from tail_kd.cli import CPU_MALLOC
 from tail_kd.config import RecipeError, load_recipe
-from tail_kd.data import DataError
-from tail_kd.distributed import free_port
+from tail_kd.data.sources import DataError
 from tail_kd.exit_status import EXIT_CHECKPOINT_WRITE, EXIT_DIVERGED, EXIT_RANK_LOST, EXIT_USAGE
 from tail_kd.run_dir import complete_checkpoints, find_checkpoint, read_done
+from tail_kd.topology import free_port
 from tail_kd.train import main, parse_options
 
 # A shorter tiny run: 1 rank, 2 micro-batches of 2 sequences per step, no evaluation.
@@ -166,6 +167,64 @@ def test_bad_input_is_named_before_any_model_loads(
     recipe = load_recipe(RECIPE, overrides + [f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(error, match=message):
         run_setup.set_up_run(recipe, options, one_rank(), stop_flag=None)
+
+
+# What each `tail-kd` mistake below must be reported without: the heavy imports (seconds each).
+HEAVY = ("torch", "transformers", "datasets", "deepspeed")
+REPORT_IMPORTS = textwrap.dedent("""
+    import sys
+    from tail_kd.cli import main
+    status = main(sys.argv[1:])
+    print(",".join(m for m in {heavy} if m in sys.modules), file=sys.stderr)
+    sys.exit(status)
+""")
+
+
+@pytest.mark.parametrize(
+    "args, message, imported",
+    [
+        (["--set", "train.lr_sched=1"], r"--set train.lr_sched=1: .*did you mean 'train.lr'", ""),
+        (["--set", "train.lr=fast"], r"train.lr: .*'fast'", ""),
+        (["--set", "data.source=no/such/data.jsonl"], r"no/such/data.jsonl: no such file", ""),
+        (["--set", "data.source=tests/prose"], r"tests/prose: no such file or directory", ""),
+        (
+            ["--nproc", "2", "--set", "train.global_batch_size=6"],
+            r"global_batch_size: 6 is not",
+            "",
+        ),
+    ],
+    ids=["unknown-key", "bad-value", "missing-data", "missing-data-folder", "batch-split"],
+)
+def test_cheap_mistakes_are_reported_before_heavy_imports(tmp_path, args, message, imported):
+    """Each mistake of the command line or the recipe is one line and exit 2 before torch,
+    transformers, datasets or DeepSpeed is imported (tools/bench_errors.py measures the time)."""
+    script = REPORT_IMPORTS.format(heavy=HEAVY)
+    line = ["train", str(RECIPE), "--output-dir", str(tmp_path / "run"), *args]
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *line], cwd=REPO, capture_output=True, text=True
+    )
+    error, modules = proc.stderr.splitlines()
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert re.match(f"error: .*{message}", error), error
+    assert modules == imported
+
+
+def test_eval_without_data_is_reported_before_the_model_loads(tmp_path, cache):
+    from tail_kd.models import build_tiny_pair
+
+    teacher, _ = build_tiny_pair(cache / "tiny")
+    script = REPORT_IMPORTS.format(heavy=HEAVY)
+    for args, message in [
+        ([], "no data to score: pass --data RECIPE.yaml or a data file"),
+        (["--data", str(tmp_path / "held_out.jsonl")], "held_out.jsonl: no such file or directory"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-c", script, "eval", teacher, *args],
+            cwd=REPO, capture_output=True, text=True,
+        )  # fmt: skip
+        error, modules = proc.stderr.splitlines()
+        assert proc.returncode == EXIT_USAGE and message in error, proc.stderr
+        assert modules == ""
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers import loss_and_grads, make_batch
-from tail_kd.distributed import free_port
+from tail_kd.topology import free_port
 from tail_kd.losses import LogitTransform, dense_distillation_loss, fused_distillation_loss
 
 DEVICE = os.environ.get("TAIL_KD_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)

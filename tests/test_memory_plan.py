@@ -5,8 +5,9 @@
 - parameter counts against instantiated models;
 - the whole estimate against the peak memory of a real one-rank ZeRO-3 run on the CPU
   (tools/bench_train.py --memory, the quickstart's SmolLM2-135M teacher), at two micro-batches;
-- the command on the academic recipes (a local Qwen1.5-1.8B config): each recipe's memory settings
-  are the plan's fastest option for the GPU it is written for.
+- the command on the shipped recipes, offline (it reads the configs tail-kd ships for their hub
+  models): each academic recipe's memory settings are the plan's fastest option for the GPU it is
+  written for; a micro-batch that does not split the global batch is replaced, and said so.
 """
 
 from __future__ import annotations
@@ -23,33 +24,19 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from tail_kd.config import load_recipe
 from tail_kd.memory_plan import (
+    OPTIONS,
     activation_bytes_per_token_layer,
     estimate,
     largest_micro_batch,
     main,
     model_shape,
+    option_overrides,
     setup_of,
 )
+from tail_kd.models.shipped import SHIPPED_CONFIGS
 
 REPO = Path(__file__).resolve().parent.parent
 ACADEMIC = REPO / "recipes" / "academic"
-# Qwen1.5-1.8B's config.json (the hub's), enough for the plan: it reads no weights.
-QWEN15_18B = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "hidden_size": 2048,
-    "intermediate_size": 5504,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 16,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "tie_word_embeddings": False,
-    "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000.0,
-    "hidden_act": "silu",
-    "torch_dtype": "bfloat16",
-}
 
 
 def small_config(kind: str, layers: int):
@@ -169,13 +156,6 @@ def test_estimate_against_the_measured_peak_of_a_cpu_run(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def qwen_config_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("qwen1.5-1.8b")
-    (folder / "config.json").write_text(json.dumps(QWEN15_18B))
-    return folder
-
-
 def run_plan(capsys, tmp_path: Path, recipe: Path, *args: str) -> tuple[int, dict | None, str]:
     """`tail-kd plan RECIPE --json FILE ARGS`: (exit status, the JSON plan or None, the output)."""
     out = tmp_path / "plan.json"
@@ -190,12 +170,9 @@ def run_plan(capsys, tmp_path: Path, recipe: Path, *args: str) -> tuple[int, dic
     "name, gpu_memory",
     [("qwen1.5-1.8b-to-1.2b.yaml", 80), ("qwen1.5-1.8b-to-0.5b.yaml", 24)],
 )
-def test_academic_recipes_take_the_plans_fastest_option(
-    capsys, tmp_path, qwen_config_dir, name, gpu_memory
-):
+def test_academic_recipes_take_the_plans_fastest_option(capsys, tmp_path, name, gpu_memory):
     recipe = ACADEMIC / name
-    status, plan, text = run_plan(capsys, tmp_path, recipe, "--gpu-memory", str(gpu_memory),
-                                  "--set", f"teacher.path={qwen_config_dir}")  # fmt: skip
+    status, plan, text = run_plan(capsys, tmp_path, recipe, "--gpu-memory", str(gpu_memory))
     assert status == 0 and plan["fits"], text
     assert plan["teacher"]["parameters"] == 1_836_828_672  # Qwen1.5-1.8B
     setup, chosen = plan["setup"], plan["recommended"]
@@ -207,21 +184,90 @@ def test_academic_recipes_take_the_plans_fastest_option(
     assert "fastest option that fits" in text
 
 
-def test_plan_says_plainly_when_nothing_fits(capsys, tmp_path, qwen_config_dir):
+def test_plan_says_plainly_when_nothing_fits(capsys, tmp_path):
     recipe = ACADEMIC / "qwen1.5-1.8b-to-1.2b.yaml"
-    status, plan, text = run_plan(capsys, tmp_path, recipe, "--gpu-memory", "3",
-                                  "--set", f"teacher.path={qwen_config_dir}")  # fmt: skip
+    status, plan, text = run_plan(capsys, tmp_path, recipe, "--gpu-memory", "3")
     assert status == 1 and not plan["fits"]
     assert all(option["largest_micro_batch"] == 0 for option in plan["options"])
     assert "DOES NOT FIT" in text and "This setup cannot fit" in text
 
 
-def test_plan_rejects_bad_input_before_reading_models(capsys, tmp_path, qwen_config_dir):
+def test_plan_rejects_bad_input_before_reading_models(capsys, tmp_path):
     recipe = ACADEMIC / "qwen1.5-1.8b-to-1.2b.yaml"
     status, _, text = run_plan(capsys, tmp_path, recipe, "--gpus", "3", "--gpus-per-node", "2")
     assert status == 2 and "--gpus-per-node" in text
-    status, _, text = run_plan(capsys, tmp_path, recipe, "--gpus", "3",
-                               "--set", f"teacher.path={qwen_config_dir}")  # fmt: skip
-    assert status == 2 and "global_batch_size" in text
+    status, _, text = run_plan(capsys, tmp_path, recipe, "--gpus", "3")
+    assert status == 2 and "global_batch_size: 128 sequences do not split evenly over 3" in text
     status, _, text = run_plan(capsys, tmp_path, recipe, "--set", "teacher.path=/nonexistent/model")
     assert status == 2 and "/nonexistent/model" in text
+
+
+def test_plan_works_offline_for_every_shipped_hub_recipe(tmp_path):
+    """With the hub unreachable (HF_HUB_OFFLINE=1, as on a compute node) the plan of every shipped
+    recipe that names hub models reads the configs tail-kd ships, and their shapes are the
+    models' (parameter counts as the model cards give them)."""
+    parameters = {}
+    for recipe in sorted((REPO / "recipes").rglob("*.yaml")):
+        if "Qwen/" not in recipe.read_text():
+            continue
+        out = tmp_path / f"{recipe.stem}.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "tail_kd.cli", "plan", str(recipe), "--json", str(out)],
+            cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert proc.returncode in (0, 1), proc.stderr  # 1: does not fit 80 GB (still a plan)
+        plan = json.loads(out.read_text())
+        parameters[recipe.parent.name, recipe.stem] = (
+            plan["teacher"]["parameters"],
+            plan["student"]["parameters"],
+        )
+    assert parameters[("maths", "sft-gsm")] == (1_543_714_304, 494_032_768)  # Qwen2.5 1.5B, 0.5B
+    assert parameters[("paper", "qwen1.5-1.8b-to-1.2b")][0] == 1_836_828_672  # Qwen1.5-1.8B
+    assert len(parameters) == 4
+
+
+def test_plan_chooses_a_micro_batch_that_splits_the_global_batch(capsys, tmp_path):
+    """32 GPUs and the academic recipe's micro-batch 16: 16 x 32 does not divide 128, so the plan
+    plans with micro-batch 4 and says so, with the flag."""
+    recipe = ACADEMIC / "qwen1.5-1.8b-to-1.2b.yaml"
+    status, plan, text = run_plan(capsys, tmp_path, recipe, "--gpus", "32",
+                                  "--gpus-per-node", "8")  # fmt: skip
+    assert status == 0, text
+    setup = plan["setup"]
+    assert (setup["recipe_micro_batch_size"], setup["micro_batch_size"]) == (16, 4)
+    assert "the recipe's 16 does not split global_batch_size 128 over 32 GPUs" in text
+    assert "--set train.micro_batch_size=4" in text.split("fastest option")[1]
+
+
+def test_teacher_and_student_configs_can_be_given(capsys, tmp_path):
+    """--teacher-config / --student-config replace the recipe's models' configs."""
+    source = json.loads((SHIPPED_CONFIGS / "Qwen" / "Qwen1.5-1.8B" / "config.json").read_text())
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text(
+        json.dumps({**source, "num_hidden_layers": 12})
+    )
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps({**source, "num_hidden_layers": 2, "hidden_size": 256,
+                                   "intermediate_size": 512, "num_attention_heads": 4,
+                                   "num_key_value_heads": 4}))  # fmt: skip
+    recipe = REPO / "recipes" / "maths" / "sft-gsm.yaml"
+    status, plan, text = run_plan(capsys, tmp_path, recipe, "--teacher-config",
+                                  str(tmp_path / "teacher"), "--student-config", str(student))  # fmt: skip
+    assert status == 0, text
+    assert plan["teacher"]["layers"] == 12 and plan["student"]["layers"] == 2
+
+
+def test_offloading_the_optimizer_comes_with_deepspeeds_cpu_adam():
+    """The plan is the one place that gives the CPU Adam advice: every option that offloads the
+    optimizer selects it; the others leave the optimizer alone."""
+    for offload_optimizer, offload_param, checkpointing in OPTIONS:
+        option = {"offload_optimizer": offload_optimizer, "offload_param": offload_param,
+                  "activation_checkpointing": checkpointing}  # fmt: skip
+        flags = option_overrides(option)
+        assert ("deepspeed.optimizer.params.torch_adam=false" in flags) == offload_optimizer
+    for text in [
+        (REPO / "slurm" / "README.md").read_text(),
+        *(recipe.read_text() for recipe in (REPO / "recipes").rglob("*.yaml")),
+    ]:
+        assert "torch_adam" not in text  # they point to `tail-kd plan` instead of repeating it

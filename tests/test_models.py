@@ -286,6 +286,26 @@ def test_derive_rejects_impossible_students_naming_the_field(dims: dict, field: 
         derive_student_config(tiny_llama_config(), **dims)
 
 
+@pytest.mark.parametrize(
+    ("dims", "suggestion"),
+    [
+        (dict(num_layers=2, hidden_size=36), "e.g. 32 or 40"),  # head size 8
+        (dict(num_layers=2, num_attention_heads=3), "num_key_value_heads to one of 1, 3"),
+        (dict(num_layers=2, num_attention_heads=6, num_key_value_heads=4), "one of 1, 2, 3"),
+    ],
+)
+def test_derive_errors_suggest_values_that_work(dims: dict, suggestion: str) -> None:
+    with pytest.raises(ValueError, match=suggestion):
+        derive_student_config(tiny_llama_config(), **dims)
+    # and the suggestion does work
+    fixed = dict(dims)
+    if "hidden_size" in fixed:
+        fixed["hidden_size"] = 32
+    else:
+        fixed["num_key_value_heads"] = int(suggestion[-1])
+    assert derive_student_config(tiny_llama_config(), **fixed).num_hidden_layers == 2
+
+
 # ----------------------------------------------------------------------------- vocabularies
 
 

@@ -3,8 +3,10 @@
 import math
 
 import pytest
+import torch
 
-from tail_kd.optim import warmup_cosine
+from tail_kd.config import TrainConfig
+from tail_kd.optim import lr_scheduler, warmup_cosine
 
 
 def test_warmup_then_cosine_to_min_ratio():
@@ -14,3 +16,12 @@ def test_warmup_then_cosine_to_min_ratio():
     assert lr[-1] == pytest.approx(0.1)
     assert warmup_cosine(0, warmup_steps=0, total_steps=1, min_ratio=0.3) == pytest.approx(0.3)
     assert math.isclose(warmup_cosine(0, warmup_steps=0, total_steps=5, min_ratio=1.0), 1.0)
+
+
+def test_a_warm_up_longer_than_the_run_ends_with_the_run():
+    """train.steps=1 with the recipe's warm-up of 10: the one step runs at the full LR (not at a
+    tenth of it, as an uncut warm-up would give)."""
+    train = TrainConfig(steps=1, warmup_steps=10, global_batch_size=2, micro_batch_size=2)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    scheduler = lr_scheduler(train)(optimizer)
+    assert scheduler.get_last_lr() == [0.5]

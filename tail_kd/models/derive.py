@@ -162,9 +162,11 @@ def _student_width(
         return t.hidden_size, t.num_attention_heads
     if num_heads is None:
         if hidden_size % head_dim != 0:
+            below = max(head_dim, hidden_size // head_dim * head_dim)
             raise ValueError(
                 f"student hidden_size={hidden_size} must be a multiple of the teacher's head size "
-                f"{head_dim} (the student keeps whole teacher heads)"
+                f"{head_dim} (the student keeps whole teacher heads), e.g. {below} or "
+                f"{below + head_dim}"
             )
         num_heads = hidden_size // head_dim
     elif hidden_size is None:
@@ -185,7 +187,8 @@ def _student_kv_heads(t: PretrainedConfig, num_heads: int, num_kv_heads: int | N
         if num_heads % group != 0:
             raise ValueError(
                 f"student num_attention_heads={num_heads} is not a multiple of the teacher's "
-                f"{group} query heads per key/value head: set num_key_value_heads explicitly"
+                f"{group} query heads per key/value head: set num_key_value_heads to one of "
+                f"{_kv_head_choices(num_heads, teacher_kv)}"
             )
         num_kv_heads = num_heads // group
     if not 1 <= num_kv_heads <= teacher_kv:
@@ -196,9 +199,15 @@ def _student_kv_heads(t: PretrainedConfig, num_heads: int, num_kv_heads: int | N
     if num_heads % num_kv_heads != 0:
         raise ValueError(
             f"student num_key_value_heads={num_kv_heads} must divide "
-            f"num_attention_heads={num_heads}"
+            f"num_attention_heads={num_heads}: one of {_kv_head_choices(num_heads, teacher_kv)}"
         )
     return num_kv_heads
+
+
+def _kv_head_choices(num_heads: int, teacher_kv: int) -> str:
+    """The numbers of key/value heads a student with `num_heads` query heads can have: the
+    divisors of `num_heads`, up to the teacher's `teacher_kv`."""
+    return ", ".join(str(d) for d in range(1, teacher_kv + 1) if num_heads % d == 0)
 
 
 def _teacher_name(student_name: str, layers: list[int]) -> str:

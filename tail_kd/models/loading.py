@@ -51,7 +51,9 @@ def resolve_model_dir(path: str, cache_dir: str | Path, gguf_file: str | None = 
             )
         return str(local)
     if _looks_like_path(path):
-        raise FileNotFoundError(f"model path {path} does not exist (nor does {local.resolve()})")
+        resolved = local.resolve()
+        where = "" if str(resolved) == path else f" (looked for {resolved})"
+        raise FileNotFoundError(f"model path {path} does not exist{where}")
     return path
 
 
