@@ -1,7 +1,8 @@
 """Recipes: a YAML file -> typed, validated dataclasses.
 
 A recipe is one YAML file with the sections below; every field has a default except `teacher.path`
-and `data.source`. `load_recipe` reads the file, applies `--set section.field=value` overrides
+and `data.source`. A recipe without a `teacher:` section trains the student on CE alone
+(`loss.divergence: none`, a student made from `student.path`): no teacher is loaded. `load_recipe` reads the file, applies `--set section.field=value` overrides
 (values are parsed as YAML, so `--set train.lr=3e-4` and `--set train.betas=[0.9,0.99]` work) and
 checks everything before a process group or a model exists:
 
@@ -296,7 +297,7 @@ class Recipe:
     cache_dir: str | None = None
     device: Literal["auto", "cuda", "cpu"] = "auto"  # cpu: DeepSpeed's CPU accelerator and gloo
     seed: int = _field(0, NON_NEGATIVE)
-    teacher: TeacherConfig
+    teacher: TeacherConfig | None = None  # None: a CE-only run of the student alone
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig
     loss: LossConfig = field(default_factory=LossConfig)
@@ -321,6 +322,18 @@ class Recipe:
             self.data.cache_dir = os.path.join(self.cache_dir, "data")
         if self.log.tensorboard_dir is None:
             self.log.tensorboard_dir = os.path.join(self.output_dir, "tensorboard")
+        if self.teacher is None and self.loss.divergence != "none":
+            raise _FieldError(
+                "teacher",
+                f"required for loss.divergence {self.loss.divergence}: set teacher.path, or "
+                "loss.divergence=none to train the student on CE alone",
+            )
+        if self.teacher is None and self.student.init == "derived":
+            raise _FieldError(
+                "teacher",
+                "required for student.init derived (the student is made from it): without a "
+                "teacher, set student.init to config or pretrained and student.path",
+            )
 
     @classmethod
     def from_dict(
@@ -349,7 +362,7 @@ class Recipe:
                 f"train.warmup_steps {self.train.warmup_steps} is more than train.steps "
                 f"{self.train.steps}: the warm-up is cut to {self.train.steps} steps"
             )
-        if self.teacher.path == "tiny://":
+        if self.teacher is not None and self.teacher.path == "tiny://":
             notes.append(
                 "the tiny:// teacher has random weights: KL to it and agreement with it need not "
                 "improve; this recipe checks the machinery, not the method"

@@ -2,7 +2,8 @@
 
 Teacher: a ZeRO-3 inference engine (`deepspeed.initialize` with no optimizer, as TRL's
 `prepare_deepspeed` does), in eval mode with gradients off; its weights are sharded over all ranks.
-Its forward returns the final hidden states only (`TeacherHiddenStates`).
+Its forward returns the final hidden states only (`TeacherHiddenStates`). A recipe without a
+teacher (CE only) has none: no engine, no forward, no lm_head, no teacher metrics.
 
 Student: a ZeRO-3 training engine around `StudentWithLoss`, whose forward runs the student's
 backbone and then the loss on both models' final hidden states and lm_head weights. The logits of
@@ -27,7 +28,7 @@ from tail_kd.deepspeed_config import student_config, teacher_config
 from tail_kd.distributed import DistContext
 from tail_kd.eval.metrics import TokenMetrics, score_hidden_states
 from tail_kd.heads import HeadSource, LossFunction, lm_head, make_heads
-from tail_kd.losses import LossInputs, dense_distillation_loss, fused_distillation_loss
+from tail_kd.losses import IDENTITY, LossInputs, dense_distillation_loss, fused_distillation_loss
 from tail_kd.models import head_logits, logit_transform
 from tail_kd.pair import ModelPlan
 from tail_kd.optim import lr_scheduler, weight_decay_groups
@@ -42,15 +43,16 @@ def loss_function(
     loss (compiled on GPUs unless `loss.kernels` says otherwise), or with `reference=True` the
     dense reference (full [tokens, V] logits: for checking and debugging only). The models'
     vocabulary and logit post-processing come from their `plan`."""
+    has_teacher = plan.teacher_config is not None
     options = dict(
         divergence=loss.divergence,
-        k=loss.k,
+        k=loss.k if has_teacher else None,  # the top-K diagnostics need the teacher
         beta=loss.beta,
         normalize=loss.normalize,
         ce_weight=loss.ce_weight,
         vocab_size=plan.vocab_size,
         student_transform=logit_transform(plan.student_config),
-        teacher_transform=logit_transform(plan.teacher_config),
+        teacher_transform=logit_transform(plan.teacher_config) if has_teacher else IDENTITY,
     )
     if reference:
         return functools.partial(dense_distillation_loss, **options)
@@ -121,15 +123,15 @@ class StudentWithLoss(nn.Module):
 class Distiller:
     """The teacher and student engines, and one distillation forward on a micro-batch.
 
-    Build it on every rank with the (unpartitioned) teacher and student; `deepspeed.initialize`
-    shards both. Then per micro-batch: `out = distiller.forward(batch)`,
+    Build it on every rank with the (unpartitioned) teacher, or None, and student;
+    `deepspeed.initialize` shards both. Then per micro-batch: `out = distiller.forward(batch)`,
     `distiller.backward(out["loss"])`, and `distiller.student.step()` (a no-op except at the
     gradient-accumulation boundary).
     """
 
     def __init__(
         self,
-        teacher: PreTrainedModel,
+        teacher: PreTrainedModel | None,
         student: PreTrainedModel,
         *,
         recipe: Recipe,
@@ -151,23 +153,32 @@ class Distiller:
             config=ds_student,
             lr_scheduler=lr_scheduler(recipe.train),
         )
-        teacher.requires_grad_(False)
-        self.teacher, *_ = deepspeed.initialize(
-            model=TeacherHiddenStates(teacher), config=teacher_config(ds_student, teacher.dtype)
-        )
-        self.teacher.eval()
-        self.heads.bind(self.student, self.teacher.module.model)
+        self.teacher = None
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            self.teacher, *_ = deepspeed.initialize(
+                model=TeacherHiddenStates(teacher), config=teacher_config(ds_student, teacher.dtype)
+            )
+            self.teacher.eval()
+        self.heads.bind(self.student, self.teacher_model)
         self.device = ctx.device
         self.vocab_size = vocab_size
+
+    @property
+    def teacher_model(self) -> PreTrainedModel | None:
+        """The teacher's causal LM inside its engine (None without a teacher)."""
+        return None if self.teacher is None else self.teacher.module.model
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Teacher hidden states (no autograd), then the student's loss forward: one micro-batch."""
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
         labels = batch["labels"].to(self.device)
+        if self.teacher is None:
+            return self.student(input_ids, attention_mask, labels, None, None)
         with torch.no_grad():
             teacher_hidden = self.teacher(input_ids, attention_mask)
-        with self.heads.teacher_weight(self.teacher.module.model) as teacher_weight:
+        with self.heads.teacher_weight(self.teacher_model) as teacher_weight:
             return self.student(input_ids, attention_mask, labels, teacher_hidden, teacher_weight)
 
     def backward(self, loss: Tensor) -> None:
@@ -184,12 +195,12 @@ class Distiller:
         module collectively); sum the ranks' `metrics.state()`."""
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
-        teacher_hidden = self.teacher(input_ids, attention_mask)
-        student, teacher = self.student.module.student, self.teacher.module.model
+        student, teacher = self.student.module.student, self.teacher_model
+        teacher_hidden = None if teacher is None else self.teacher(input_ids, attention_mask)
         hidden = student.base_model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
-        heads = [lm_head(student), lm_head(teacher)]
+        heads = [lm_head(model) for model in (student, teacher) if model is not None]
         with deepspeed.zero.GatheredParameters(heads):  # read-only: no modifier_rank
             score_hidden_states(
                 metrics,
@@ -197,6 +208,6 @@ class Distiller:
                 lambda h: head_logits(student, h),
                 batch["labels"].to(self.device),
                 teacher_hidden,
-                lambda h: head_logits(teacher, h),
+                None if teacher is None else lambda h: head_logits(teacher, h),
                 vocab_size=self.vocab_size,
             )

@@ -53,8 +53,9 @@ class HeadSource(abc.ABC):
     def attach(self, module: nn.Module, student: nn.Module) -> None:
         """Called once, building the student's loss module `module` around `student`."""
 
-    def bind(self, student_engine, teacher: nn.Module) -> None:
-        """Called once, after `deepspeed.initialize` partitioned both models."""
+    def bind(self, student_engine, teacher: nn.Module | None) -> None:
+        """Called once, after `deepspeed.initialize` partitioned both models (`teacher` None for
+        a run without one, whose forwards never ask for `teacher_weight`)."""
 
     @abc.abstractmethod
     def teacher_weight(self, teacher: nn.Module) -> ContextManager[Tensor]:
@@ -102,10 +103,11 @@ class ShardedHeads(HeadSource):
         self.rows_step = -1  # the optimizer step the rows were read at
         self.row_grad: Tensor | None = None  # float32, summed over this step's micro-batches
 
-    def bind(self, student_engine, teacher: nn.Module) -> None:
+    def bind(self, student_engine, teacher: nn.Module | None) -> None:
         self.engine = student_engine
         self.student_head = ShardedHead(lm_head(student_engine.module.student), self.groups)
-        self.teacher_rows = ShardedHead(lm_head(teacher), self.groups).gather_rows()
+        if teacher is not None:
+            self.teacher_rows = ShardedHead(lm_head(teacher), self.groups).gather_rows()
 
     @contextlib.contextmanager
     def teacher_weight(self, teacher: nn.Module) -> Iterator[Tensor]:

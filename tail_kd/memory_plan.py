@@ -99,6 +99,10 @@ class ModelShape:
     vocab_rows: int  # lm_head rows, padding rows included
 
 
+# A recipe without a teacher (CE only) plans with this one: it costs nothing.
+NO_TEACHER = ModelShape(0, 0, 0, 0, 0, 0, 0, 0)
+
+
 def model_shape(config) -> ModelShape:
     """Count a Hugging Face config's parameters on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM
@@ -172,7 +176,9 @@ def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> S
         recipe_micro_batch_size=train.micro_batch_size,
         global_batch_size=recipe.train.global_batch_size,
         student_bytes=model_dtype(recipe.train.precision, device).itemsize,
-        teacher_bytes=model_dtype(recipe.teacher.dtype, device).itemsize,
+        teacher_bytes=model_dtype(
+            recipe.teacher.dtype if recipe.teacher else "auto", device
+        ).itemsize,
         offload_param="offload_param" in offload,
         offload_optimizer="offload_optimizer" in offload,
         activation_checkpointing=recipe.train.activation_checkpointing,
@@ -345,9 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    plan = make_plan(
-        model_shape(student_config), model_shape(teacher_config), setup, memory_gib * GIB
-    )
+    teacher = NO_TEACHER if teacher_config is None else model_shape(teacher_config)
+    plan = make_plan(model_shape(student_config), teacher, setup, memory_gib * GIB)
     print(format_plan(args.recipe, plan))
     if args.json:
         with open(args.json, "w") as file:
@@ -357,20 +362,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def plan_configs(
     recipe: Recipe, teacher_config: str | None = None, student_config: str | None = None
-) -> tuple[PretrainedConfig, PretrainedConfig]:
-    """The teacher's and the student's configs, read without weights and, for the shipped
-    recipes, without the hub: the `--teacher-config`/`--student-config` given, else the config
-    tail-kd ships for a recipe's hub model (tail_kd/models/shipped.py), else the model's own (a
-    local folder or GGUF file; a hub model's config is downloaded)."""
+) -> tuple[PretrainedConfig | None, PretrainedConfig]:
+    """The teacher's (None without a teacher) and the student's configs, read without weights
+    and, for the shipped recipes, without the hub: the `--teacher-config`/`--student-config`
+    given, else the config tail-kd ships for a recipe's hub model (tail_kd/models/shipped.py),
+    else the model's own (a local folder or GGUF file; a hub model's config is downloaded)."""
     from transformers import AutoConfig
 
     from tail_kd.models.shipped import shipped_config_dir
     from tail_kd.pair import resolve_teacher, student_config_of
 
-    teacher_source = (
-        teacher_config or shipped_config_dir(recipe.teacher.path) or resolve_teacher(recipe)
-    )
-    teacher = AutoConfig.from_pretrained(teacher_source)
+    teacher = None
+    if recipe.teacher is not None:
+        teacher_source = (
+            teacher_config or shipped_config_dir(recipe.teacher.path) or resolve_teacher(recipe)
+        )
+        teacher = AutoConfig.from_pretrained(teacher_source)
     student_source = student_config or shipped_config_dir(recipe.student.path)
     return teacher, student_config_of(recipe, teacher, student_source)
 

@@ -17,7 +17,14 @@ from tqdm import tqdm
 from tail_kd.eval.metrics import TOKEN_METRICS
 from tail_kd.losses import LOSS_SCALARS
 
-__all__ = ["Monitor", "TRAIN_SCALARS", "EVAL_SCALARS", "format_metrics", "read_scalars"]
+__all__ = [
+    "Monitor",
+    "TRAIN_SCALARS",
+    "EVAL_SCALARS",
+    "TEACHER_SCALARS",
+    "format_metrics",
+    "read_scalars",
+]
 
 # Logged as train/<name> at every log step: the loss scalars every training forward returns
 # (tail_kd.distiller.StudentWithLoss), averaged per step, and the step's own numbers.
@@ -29,6 +36,14 @@ TRAIN_SCALARS = LOSS_SCALARS + (
 )
 # Held-out token metrics (tail_kd.eval.metrics, the same code as `tail-kd eval`).
 EVAL_SCALARS = TOKEN_METRICS
+# What a run without a teacher (CE only) has no value for, and does not log.
+TEACHER_SCALARS = {
+    "kl_to_teacher",
+    "teacher_tail_mass",
+    "student_tail_mass",
+    "student_topk_mass",
+    "top1_agreement",
+}
 
 _SHORT_NAMES = {
     "loss": "loss",
@@ -73,10 +88,14 @@ class Monitor:
     training starts from (after a resume), and close with `close`.
     """
 
-    def __init__(self, enabled: bool, log_dir: str | Path, total_steps: int):
+    def __init__(self, enabled: bool, log_dir: str | Path, total_steps: int, teacher: bool = True):
+        """`teacher`: whether the run has one (without, the TEACHER_SCALARS are not logged)."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.log_dir = Path(log_dir)
+        dropped = set() if teacher else TEACHER_SCALARS
+        self.train_scalars = [name for name in TRAIN_SCALARS if name not in dropped]
+        self.eval_scalars = [name for name in EVAL_SCALARS if name not in dropped]
 
     def start(self, start_step: int) -> None:
         """Open the TensorBoard run (purging what an interrupted run logged after `start_step`)
@@ -109,18 +128,20 @@ class Monitor:
         """Write train/<name> scalars and print the step's summary line."""
         if not self.enabled:
             return
-        for name in TRAIN_SCALARS:
-            self.writer.add_scalar(f"train/{name}", metrics[name], step)
+        logged = {name: metrics[name] for name in self.train_scalars}
+        for name, value in logged.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
         self.bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
-        self.print(f"step {step}/{self.total_steps} | {format_metrics(metrics)}")
+        self.print(f"step {step}/{self.total_steps} | {format_metrics(logged)}")
 
     def log_eval(self, step: int, metrics: Mapping[str, float]) -> None:
         """Write eval/<name> scalars and print them."""
         if not self.enabled:
             return
-        for name in EVAL_SCALARS:
-            self.writer.add_scalar(f"eval/{name}", metrics[name], step)
-        self.print(f"eval at step {step} | {format_metrics(metrics)}")
+        logged = {name: metrics[name] for name in self.eval_scalars}
+        for name, value in logged.items():
+            self.writer.add_scalar(f"eval/{name}", value, step)
+        self.print(f"eval at step {step} | {format_metrics(logged)}")
 
     def flush(self) -> None:
         if self.enabled:

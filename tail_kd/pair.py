@@ -46,7 +46,6 @@ from tail_kd.models import (
 
 __all__ = [
     "ModelPlan",
-    "model_configs",
     "resolve_teacher",
     "student_config_of",
     "plan_models",
@@ -77,21 +76,13 @@ def resolve_reference(path: str, cache_dir: str | Path) -> str:
 class ModelPlan:
     """What the models will be, known before any weight is loaded."""
 
-    teacher_dir: str  # a local Hugging Face folder (or hub id)
-    teacher_config: PretrainedConfig
-    teacher_tokenizer: Any  # tokenises the data
+    teacher_dir: str | None  # a local Hugging Face folder (or hub id); None: no teacher
+    teacher_config: PretrainedConfig | None
+    tokenizer: Any  # tokenises the data: the teacher's (the student's without a teacher)
     student_tokenizer: Any  # exported with the student: the teacher's unless it has its own
     student_config: PretrainedConfig
     generation_config: GenerationConfig | None  # the student's (the teacher's when derived)
     vocab_size: int  # leading token ids shared by both models: the loss's vocabulary
-
-
-def model_configs(recipe: Recipe) -> tuple[str, PretrainedConfig, PretrainedConfig]:
-    """(teacher folder, teacher config, student config): the models' shapes, without tokenizers
-    or weights."""
-    teacher_dir = resolve_teacher(recipe)
-    teacher_config = AutoConfig.from_pretrained(teacher_dir)
-    return teacher_dir, teacher_config, student_config_of(recipe, teacher_config)
 
 
 def resolve_teacher(recipe: Recipe) -> str:
@@ -131,9 +122,12 @@ def student_config_of(
 
 def plan_models(recipe: Recipe) -> ModelPlan:
     """Resolve the teacher, read configs and tokenizers, check the student's dimensions and the
-    vocabularies: every model error surfaces before any weight is loaded (`model_configs`, then
-    the tokenizers)."""
-    teacher_dir, teacher_config, student_config = model_configs(recipe)
+    vocabularies: every model error surfaces before any weight is loaded."""
+    if recipe.teacher is None:
+        return _plan_student_alone(recipe)
+    teacher_dir = resolve_teacher(recipe)
+    teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    student_config = student_config_of(recipe, teacher_config)
     teacher_tokenizer = load_tokenizer(teacher_dir)
     if recipe.student.init == "derived":
         student_tokenizer, generation_config = teacher_tokenizer, _generation_config(teacher_dir)
@@ -171,14 +165,36 @@ def plan_models(recipe: Recipe) -> ModelPlan:
     )
 
 
+def _plan_student_alone(recipe: Recipe) -> ModelPlan:
+    """A CE-only run without a teacher: the student's config and its own tokenizer, which then
+    tokenises the data."""
+    path = recipe.student.path
+    config = AutoConfig.from_pretrained(path)
+    tokenizer = _tokenizer_of(path, None)
+    if tokenizer is None:
+        raise RecipeError(
+            f"student.path {path}: no tokenizer in the folder; without a teacher the student's "
+            "own tokenizer tokenises the data (save one beside its config)"
+        )
+    try:
+        vocab_size = check_vocabularies(tokenizer, tokenizer, config.vocab_size, config.vocab_size)
+    except VocabularyMismatchError as error:
+        raise RecipeError(f"student.path {path}: {error}") from None
+    _check_fit(recipe, None, config, vocab_size)
+    return ModelPlan(None, None, tokenizer, tokenizer, config, _generation_config(path), vocab_size)
+
+
 def _check_fit(recipe: Recipe, teacher_config, student_config, vocab_size: int) -> None:
-    """The loss's top-K and the sequence length must fit the models."""
+    """The loss's top-K and the sequence length must fit the models (the teacher's config is
+    None without a teacher)."""
     if recipe.loss.k >= vocab_size:
         raise RecipeError(
             f"loss.k: {recipe.loss.k} leaves no tail in the {vocab_size}-token vocabulary; "
             f"choose a K below {vocab_size} (the paper: 5 to 10)"
         )
     for role, config in (("teacher", teacher_config), ("student", student_config)):
+        if config is None:
+            continue
         positions = getattr(config, "max_position_embeddings", None)
         if positions is not None and recipe.data.seq_len > positions:
             raise RecipeError(
@@ -189,15 +205,15 @@ def _check_fit(recipe: Recipe, teacher_config, student_config, vocab_size: int) 
 
 def load_models(
     recipe: Recipe, plan: ModelPlan, teacher_dtype: torch.dtype
-) -> tuple[PreTrainedModel, PreTrainedModel]:
-    """(teacher, student): the teacher in `teacher_dtype`, the student in float32 (DeepSpeed casts
-    it to bf16 when the recipe trains in bf16).
+) -> tuple[PreTrainedModel | None, PreTrainedModel]:
+    """(teacher, student): the teacher in `teacher_dtype` (None without a teacher), the student
+    in float32 (DeepSpeed casts it to bf16 when the recipe trains in bf16).
 
     The student is built with the recipe's seed, identically on every rank: ZeRO-3 keeps each
     rank's slice of its own copy. Both are checked to compute their logits the way the loss
     does (`check_logits_reproduced`), so that a family the loss would get wrong is refused.
     """
-    teacher = load_causal_lm(plan.teacher_dir, teacher_dtype)
+    teacher = None if plan.teacher_dir is None else load_causal_lm(plan.teacher_dir, teacher_dtype)
     _seed_everything(recipe.seed)
     s_cfg = recipe.student
     if s_cfg.init == "derived":  # its config was derived (and checked) by plan_models
@@ -208,13 +224,14 @@ def load_models(
     else:
         student = load_causal_lm(s_cfg.path, torch.float32)
     student = student.float()
-    check_logits_reproduced(teacher, "teacher")
+    if teacher is not None:
+        check_logits_reproduced(teacher, "teacher")
     check_logits_reproduced(student, "student")
     return teacher, student
 
 
 def _tokenizer_of(path: str, fallback: Any) -> Any:
-    """The tokenizer saved with a student model folder, else `fallback` (the teacher's)."""
+    """The tokenizer saved with a student model folder (or hub model), else `fallback`."""
     folder = Path(path)
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     if folder.is_dir() and not any((folder / name).exists() for name in names):

@@ -6,8 +6,8 @@ every rank of every job then only reads:
               weights downloaded into the Hugging Face cache
     student   with `student.init: pretrained` its hub model likewise (with `config`, its config and
               tokenizer only; a derived student needs nothing)
-    data      tokenised with the teacher's tokenizer into <cache_dir>/data/, exactly as the job
-              would do it
+    data      tokenised with the teacher's tokenizer (without a teacher, the student's) into
+              <cache_dir>/data/, exactly as the job would do it
 
 `--check` fetches and builds nothing: it reports each item as ready or missing and exits 0 when
 all are ready, 1 otherwise. The Slurm scripts run it before launching and, when everything is
@@ -45,19 +45,21 @@ class Item:
 def prepare(recipe: Recipe, *, check: bool) -> list[Item]:
     """Fetch and build what `recipe`'s jobs need (or with `check`, only look); report each item."""
     open_source(recipe.data, recipe.seed)  # a missing data file: say so before the models load
-    teacher = _model_item(
-        "teacher", recipe.teacher.path, recipe, True, recipe.teacher.gguf_file, check
-    )
-    items = [teacher]
+    items = []
+    if recipe.teacher is not None:
+        teacher = recipe.teacher
+        items.append(_model_item("teacher", teacher.path, recipe, True, teacher.gguf_file, check))
     student = recipe.student
     if student.init != "derived":
         items.append(
             _model_item("student", student.path, recipe, student.init == "pretrained", None, check)
         )
+    # The data are tokenised with the teacher's tokenizer, or without a teacher the student's.
+    tokenizer_item = items[0]
     items.append(
         _data_item(recipe, check)
-        if teacher.ready
-        else Item("data", "needs the teacher's tokenizer", False)
+        if tokenizer_item.ready
+        else Item("data", f"needs the {tokenizer_item.name}'s tokenizer", False)
     )
     return items
 
@@ -98,10 +100,10 @@ def _data_item(recipe: Recipe, check: bool) -> Item:
     from tail_kd.models import load_tokenizer, resolve_model_dir
     from tail_kd.pair import resolve_reference
 
-    reference = resolve_reference(recipe.teacher.path, recipe.cache_dir)
-    tokenizer = load_tokenizer(
-        resolve_model_dir(reference, recipe.cache_dir, recipe.teacher.gguf_file)
-    )
+    model = recipe.teacher or recipe.student  # whose tokenizer tokenises the data
+    gguf_file = recipe.teacher.gguf_file if recipe.teacher else None
+    reference = resolve_reference(model.path, recipe.cache_dir)
+    tokenizer = load_tokenizer(resolve_model_dir(reference, recipe.cache_dir, gguf_file))
     data = recipe.data
     if check:
         entry = cached_entry(data, tokenizer, data.cache_dir, recipe.seed)

@@ -70,12 +70,13 @@ def set_up_run(recipe: Recipe, options, ctx: DistContext, stop_flag: StopFlag):
         )
     # From the cache the entry point filled before the process group existed (tail_kd/train.py).
     train_set, eval_set = build_datasets(
-        recipe.data, plan.teacher_tokenizer, recipe.data.cache_dir, recipe.seed
+        recipe.data, plan.tokenizer, recipe.data.cache_dir, recipe.seed
     )
     loader = DistillationLoader(
         train_set, recipe.train.micro_batch_size, ctx.rank, ctx.world_size, recipe.seed
     )
-    teacher, student = load_models(recipe, plan, model_dtype(recipe.teacher.dtype, ctx.device.type))
+    teacher_dtype = model_dtype(recipe.teacher.dtype if recipe.teacher else "auto", ctx.device.type)
+    teacher, student = load_models(recipe, plan, teacher_dtype)
     loss_fn = loss_function(recipe.loss, plan, ctx.device.type, reference=options.reference_loss)
     distiller = Distiller(
         teacher, student, recipe=recipe, ctx=ctx, loss_fn=loss_fn, vocab_size=plan.vocab_size
@@ -88,7 +89,9 @@ def set_up_run(recipe: Recipe, options, ctx: DistContext, stop_flag: StopFlag):
         loader=loader,
         eval_set=eval_set,
         checkpoints=checkpoints,
-        monitor=Monitor(ctx.is_main, tensorboard_run, recipe.train.steps),
+        monitor=Monitor(
+            ctx.is_main, tensorboard_run, recipe.train.steps, teacher=teacher is not None
+        ),
         stop_flag=stop_flag,
         stop_after_steps=options.stop_after_steps,
     )

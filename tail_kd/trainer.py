@@ -148,9 +148,9 @@ class Trainer:
         ctx.barrier()
         if self.first_eval is not None and self.last_eval is not None:
             before, after = self.first_eval, self.last_eval
+            names = [n for n in ("ce", "kl_to_teacher") if n in self.monitor.eval_scalars]
             self.monitor.print(
-                f"held-out: ce {before['ce']:.4g} -> {after['ce']:.4g} | "
-                f"kl_to_teacher {before['kl_to_teacher']:.4g} -> {after['kl_to_teacher']:.4g}"
+                "held-out: " + " | ".join(f"{n} {before[n]:.4g} -> {after[n]:.4g}" for n in names)
             )
         self._print_notes()
         return 0

@@ -289,3 +289,17 @@ def test_round_trip_through_yaml_and_json(tmp_path):
     again = load_recipe(write_recipe(tmp_path, yaml.safe_dump(plain), name="saved.yaml"))
     assert again == recipe
     assert list(plain)[:6] == ["run_name", "output_dir", "cache_dir", "device", "seed", "teacher"]
+
+
+def test_a_recipe_without_a_teacher_trains_on_ce_alone(tmp_path):
+    """No `teacher:` section: accepted for a CE-only run of a student made from student.path;
+    anything that needs a teacher names the field and the way out."""
+    alone = {"data": MINIMAL["data"], "loss": {"divergence": "none"},
+             "student": {"init": "config", "path": "models/student"}}  # fmt: skip
+    assert load_recipe(write_recipe(tmp_path, alone)).teacher is None
+    for change, message in [
+        ({"loss": {"divergence": "tad"}}, "teacher: required for loss.divergence tad"),
+        ({"student": {"init": "derived"}}, "teacher: required for student.init derived"),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(write_recipe(tmp_path, {**alone, **change}))

@@ -29,9 +29,9 @@ def tiny_recipe(cache: Path, **sections) -> Recipe:
 
 def test_plan_of_the_tiny_pair(cache):
     plan = plan_models(tiny_recipe(cache))
-    assert plan.vocab_size == len(plan.teacher_tokenizer) == plan.student_config.vocab_size
+    assert plan.vocab_size == len(plan.tokenizer) == plan.student_config.vocab_size
     assert (plan.student_config.num_hidden_layers, plan.student_config.hidden_size) == (2, 32)
-    assert plan.student_tokenizer is plan.teacher_tokenizer  # derived students share it
+    assert plan.student_tokenizer is plan.tokenizer  # derived students share it
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from tail_kd.checkpoint import DEEPSPEED_TAG
 from tail_kd.cli import CPU_MALLOC
 from tail_kd.config import load_recipe
 from tail_kd.exit_status import EXIT_PREEMPTED, EXIT_USAGE
-from tail_kd.monitor import EVAL_SCALARS, TRAIN_SCALARS
+from tail_kd.monitor import EVAL_SCALARS, TEACHER_SCALARS, TRAIN_SCALARS
 from tail_kd.pair import load_models, plan_models
 from tail_kd.run_dir import complete_checkpoints, find_checkpoint, read_done
 from tail_kd.topology import free_port
@@ -292,6 +292,41 @@ def untied_student(workdir, full) -> Path:
     folder = workdir / "untied-student"
     config.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def student_with_tokenizer(workdir, full) -> Path:
+    """A student folder as a CE-only run without a teacher needs it: the derived tiny student's
+    config and the tiny tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tail_kd.models import build_tiny_pair, derive_student_config
+
+    teacher_dir = build_tiny_pair(workdir / "cache" / "tiny")[0]
+    folder = workdir / "student-with-tokenizer"
+    derive_student_config(
+        AutoConfig.from_pretrained(teacher_dir), num_layers=2, hidden_size=32
+    ).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(folder)
+    return folder
+
+
+def test_a_ce_only_run_needs_no_teacher(workdir, student_with_tokenizer, tmp_path):
+    """CE only, the student made from its config: with a teacher (which then only adds the
+    teacher diagnostics) and without any (`teacher=null`: none is loaded, no teacher scalars are
+    logged, the student's tokenizer tokenises the data): the same student, step for step."""
+    sets = [*COMMON, "loss.divergence=none", "student.init=config",
+            f"student.path={student_with_tokenizer}"]  # fmt: skip
+    with_teacher = launch(workdir / "ce-with-teacher", workdir / "cache", sets)
+    alone = launch(workdir / "ce-alone", workdir / "cache", [*sets, "teacher=null"])
+    with_teacher.assert_finished(STEPS)
+    assert_same_run(with_teacher, alone, STEPS, tmp_path)
+    logged = {tag.split("/", 1)[1] for tag in alone.scalars()}
+    assert logged & TEACHER_SCALARS == set(), logged
+    assert {"teacher_tail_mass", "kl_to_teacher"} <= {
+        tag.split("/", 1)[1] for tag in with_teacher.scalars()
+    }
+    assert "held-out: ce" in alone.proc.stdout and "kl_to_teacher" not in alone.proc.stdout
 
 
 def test_vocab_parallel_with_two_groups_of_an_untied_student(workdir, untied_student, tmp_path):

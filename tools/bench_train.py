@@ -92,9 +92,7 @@ def main(argv=None):
     from tail_kd.pair import load_models, plan_models
 
     plan = plan_models(recipe)
-    train_set, _ = build_datasets(
-        recipe.data, plan.teacher_tokenizer, recipe.data.cache_dir, recipe.seed
-    )
+    train_set, _ = build_datasets(recipe.data, plan.tokenizer, recipe.data.cache_dir, recipe.seed)
     loader = DistillationLoader(train_set, recipe.train.micro_batch_size, 0, 1, recipe.seed)
     baseline = peak_memory.reset_peak(ctx.device)
     teacher, student = load_models(recipe, plan, model_dtype(recipe.teacher.dtype, ctx.device.type))
