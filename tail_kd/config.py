@@ -547,7 +547,7 @@ def _check_key(parts: list[str]) -> None:
         if part not in hints:
             raise RecipeError(_unknown_key_message(".".join(parts)))
         hint = hints[part]
-        cls = dict if typing.get_origin(hint) is dict else hint
+        cls = dict if typing.get_origin(hint) is dict else (_section(hint) or hint)
 
 
 def _all_keys(cls: Any = Recipe, prefix: str = "") -> list[str]:
@@ -555,9 +555,17 @@ def _all_keys(cls: Any = Recipe, prefix: str = "") -> list[str]:
     keys = []
     for name, hint in typing.get_type_hints(cls).items():
         keys.append(prefix + name)
-        if dataclasses.is_dataclass(hint):
-            keys.extend(_all_keys(hint, f"{prefix}{name}."))
+        if _section(hint) is not None:
+            keys.extend(_all_keys(_section(hint), f"{prefix}{name}."))
     return keys
+
+
+def _section(hint: Any) -> type | None:
+    """The section (dataclass) a field's type names, also when optional (`TeacherConfig | None`)."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    sections = [t for t in typing.get_args(hint) if dataclasses.is_dataclass(t)]
+    return sections[0] if sections else None
 
 
 def _unknown_key_message(key: str) -> str:
@@ -618,6 +626,8 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in typing.get_args(hint):
             return None
+        if _section(hint) is not None:  # an optional section: its own errors name the field
+            return _build(_section(hint), value, path)
         for option in typing.get_args(hint):
             if option is not type(None):
                 try:

@@ -126,6 +126,9 @@ def plan_models(recipe: Recipe) -> ModelPlan:
     if recipe.teacher is None:
         return _plan_student_alone(recipe)
     teacher_dir = resolve_teacher(recipe)
+    _check_weights(teacher_dir, "teacher.path")
+    if recipe.student.init == "pretrained":
+        _check_weights(recipe.student.path, "student.path")
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
     student_config = student_config_of(recipe, teacher_config)
     teacher_tokenizer = load_tokenizer(teacher_dir)
@@ -165,10 +168,23 @@ def plan_models(recipe: Recipe) -> ModelPlan:
     )
 
 
+def _check_weights(path: str, field: str) -> None:
+    """A local model folder that is to be loaded must hold its weights (a hub id is fetched)."""
+    folder = Path(path)
+    weights = ("*.safetensors", "pytorch_model*.bin")
+    if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in weights):
+        raise RecipeError(
+            f"{field} {path}: the folder has a config but no weights (model.safetensors or "
+            "pytorch_model.bin); for a model trained from scratch use student.init: config"
+        )
+
+
 def _plan_student_alone(recipe: Recipe) -> ModelPlan:
     """A CE-only run without a teacher: the student's config and its own tokenizer, which then
     tokenises the data."""
     path = recipe.student.path
+    if recipe.student.init == "pretrained":
+        _check_weights(path, "student.path")
     config = AutoConfig.from_pretrained(path)
     tokenizer = _tokenizer_of(path, None)
     if tokenizer is None:

@@ -235,11 +235,17 @@ def test_invalid_fields_are_named(tmp_path, section, fields, message):
     assert str(error.value).startswith(f"{path}: ")
 
 
-@pytest.mark.parametrize("missing, field", [("teacher", "teacher.path"), ("data", "data.source")])
-def test_required_fields(missing, field):
+@pytest.mark.parametrize(
+    "missing, message",
+    [
+        ("teacher", "teacher: required for loss.divergence tad"),
+        ("data", "data.source: required but missing"),
+    ],
+)
+def test_required_fields(missing, message):
     data = dict(MINIMAL)
     del data[missing]
-    with pytest.raises(RecipeError, match=rf"recipe: {field}: required but missing"):
+    with pytest.raises(RecipeError, match=rf"recipe: {message}"):
         Recipe.from_dict(data)
 
 

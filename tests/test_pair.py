@@ -85,3 +85,20 @@ def test_a_student_tokenizer_smaller_than_the_teachers_is_refused_naming_it(cach
     recipe.teacher.path = str(teacher)
     with pytest.raises(RecipeError, match=rf"student.path {student}: its tokenizer has 512 "):
         plan_models(recipe)
+
+
+def test_a_model_folder_without_weights_is_named_before_loading(cache, tmp_path):
+    """A teacher folder with only config.json and a tokenizer (as a config-only student folder
+    is) fails the plan, naming the field, instead of failing in from_pretrained later."""
+    import shutil
+
+    from tail_kd.models import build_tiny_pair
+
+    folder = shutil.copytree(build_tiny_pair(cache / "tiny")[0], tmp_path / "teacher")
+    (folder / "model.safetensors").unlink()
+    recipe = tiny_recipe(cache)
+    recipe.teacher.path = str(folder)
+    with pytest.raises(
+        RecipeError, match=rf"teacher.path {folder}: the folder has a config but no"
+    ):
+        plan_models(recipe)

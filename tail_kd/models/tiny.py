@@ -77,7 +77,7 @@ def train_tokenizer(corpus_path: Path, out_dir: Path, vocab_size: int) -> PreTra
     Ids 0-3 are `<unk> <s> </s> <pad>`; digits are always single tokens (maths data), role markers
     too, and byte fallback makes any text encodable. Returns the Hugging Face tokenizer.
     """
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
         input=str(corpus_path),
         model_prefix=str(out_dir / "tokenizer"),
