@@ -35,6 +35,7 @@ from tail_kd.config import Recipe, RecipeError
 from tail_kd.models import (
     VocabularyMismatchError,
     build_tiny_pair,
+    check_derivable,
     check_logits_reproduced,
     check_vocabularies,
     derive_student_config,
@@ -108,6 +109,8 @@ def student_config_of(
     if s_cfg.init != "derived":
         return AutoConfig.from_pretrained(source or s_cfg.path)
     try:
+        with torch.device("meta"):  # the teacher's structure, no memory: can it be sliced?
+            check_derivable(AutoModelForCausalLM.from_config(teacher_config))
         return derive_student_config(
             teacher_config,
             num_layers=s_cfg.num_layers,

@@ -102,3 +102,17 @@ def test_a_model_folder_without_weights_is_named_before_loading(cache, tmp_path)
         RecipeError, match=rf"teacher.path {folder}: the folder has a config but no"
     ):
         plan_models(recipe)
+
+
+def test_a_teacher_no_student_can_be_derived_from_is_refused_before_loading(cache, tmp_path):
+    """A GPT-NeoX teacher (its config only: nothing is loaded) with a derived student: the plan
+    names the attention parameters that cannot be sliced."""
+    from transformers import AutoConfig, GPTNeoXConfig
+
+    from tail_kd.pair import student_config_of
+
+    GPTNeoXConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4).save_pretrained(tmp_path)  # fmt: skip
+    recipe = tiny_recipe(cache, student={"num_layers": 1, "hidden_size": None})
+    with pytest.raises(RecipeError, match="gpt_neox teacher: its parameters of .*query_key_value"):
+        student_config_of(recipe, AutoConfig.from_pretrained(tmp_path))

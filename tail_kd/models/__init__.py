@@ -3,6 +3,7 @@
 from tail_kd.models.cache import build_once
 from tail_kd.models.derive import (
     build_derived_student,
+    check_derivable,
     derive_student_config,
     init_from_teacher,
     teacher_layer_indices,
@@ -17,6 +18,7 @@ __all__ = [
     "build_derived_student",
     "build_once",
     "build_tiny_pair",
+    "check_derivable",
     "check_logits_reproduced",
     "head_logits",
     "logit_transform",

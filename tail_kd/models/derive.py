@@ -8,24 +8,38 @@ stream, and starts from the teacher's weights where they fit:
 - attention (q/k/v/o weights and biases, per-head norms) and the layer norms: the leading slice of
   the teacher's tensor (first `hidden_size` input/output features, first heads). The head size
   stays the teacher's, so narrowing keeps whole heads: the first `num_attention_heads` query heads
-  and the first `num_key_value_heads` key/value heads;
+  and the first `num_key_value_heads` key/value heads. A fused `qkv_proj` (Phi-3: all query rows,
+  then the key rows, then the value rows) is sliced part by part;
 - token embedding, final norm and an untied lm_head: the first `hidden_size` features;
 - MLPs: random (the student's own initialisation);
 - lm_head is tied to the embedding exactly when the teacher's is.
 
-This works for the Llama family (Llama, Mistral, Qwen2 with its q/k/v biases, Qwen3, SmolLM), whose
-parameter names are `model.embed_tokens`, `model.layers.<i>.{self_attn,mlp,*_layernorm}`,
-`model.norm` and `lm_head`.
+Families are not listed: any decoder whose layers sit in one list of `num_hidden_layers` modules
+and whose other parameters are of the kinds above (by the name of their module: `q_proj`,
+`k_proj`, `v_proj`, `o_proj`, `qkv_proj`, `q_norm`, `k_norm`, `embed_tokens`, `lm_head`, or a
+`*norm*`; anything under `.mlp.`) derives; checked on Llama, Qwen2, Gemma-2, Phi-3, Cohere and
+Granite. Any other parameter (GPT-NeoX's interleaved `query_key_value`, GPT-2's `c_attn`, a
+mixture of experts) is refused by name: the student could only get a meaningless slice of it.
 """
 
 from __future__ import annotations
 
-import re
-
 import torch
+from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-_LAYER_PREFIX = re.compile(r"^model\.layers\.(\d+)\.")
+# The modules whose parameters a derived student copies a leading slice of (module docstring).
+_HEAD_MAJOR = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "q_norm",
+    "k_norm",
+    "embed_tokens",
+    "lm_head",
+}
+_FUSED_QKV = "qkv_proj"
 
 
 def derive_student_config(
@@ -91,9 +105,11 @@ def teacher_layer_indices(teacher_layers: int, student_layers: int) -> list[int]
 def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
     """Copy the teacher's weights into the student where they fit (see the module docstring).
 
-    Every non-MLP student parameter receives the leading slice of its teacher counterpart; a
-    parameter without one, or larger than it, raises ValueError naming it.
+    Every non-MLP student parameter receives the leading slice of its teacher counterpart (part by
+    part for a fused `qkv_proj`); a parameter of another kind, without a counterpart, or larger
+    than it, raises ValueError naming it.
     """
+    prefix = check_derivable(teacher)
     layers = teacher_layer_indices(
         teacher.config.num_hidden_layers, student.config.num_hidden_layers
     )
@@ -101,18 +117,81 @@ def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel) -> Non
     for name, param in student.named_parameters():
         if ".mlp." in name:
             continue
-        source_name = _teacher_name(name, layers)
+        source_name = _teacher_name(name, prefix, layers)
         source = teacher_params.get(source_name)
         if source is None:
             raise ValueError(f"student parameter {name} has no teacher counterpart {source_name}")
-        if param.dim() != source.dim() or any(
-            s > t for s, t in zip(param.shape, source.shape, strict=True)
-        ):
-            raise ValueError(
-                f"student parameter {name} {tuple(param.shape)} does not fit in teacher "
-                f"{source_name} {tuple(source.shape)}"
-            )
-        param.copy_(source[tuple(slice(0, n) for n in param.shape)])
+        if _module(name) == _FUSED_QKV:
+            param.copy_(_fused_qkv_slice(source, param, teacher.config, student.config))
+        else:
+            param.copy_(_leading_slice(source, param, name, source_name))
+
+
+def check_derivable(teacher: nn.Module) -> str:
+    """Raise ValueError, naming what is missing, unless students can be derived from `teacher`
+    (any device, `meta` included: only names and structure are read); return the name of its
+    list of decoder layers."""
+    prefix = _decoder_layers(teacher)
+    kinds = {_module(n) for n, _ in teacher.named_parameters() if ".mlp." not in n}
+    unknown = sorted(k for k in kinds - _HEAD_MAJOR - {_FUSED_QKV} if "norm" not in k)
+    if unknown:
+        raise ValueError(
+            f"cannot derive a student from a {teacher.config.model_type} teacher: its parameters "
+            f"of {', '.join(unknown)} are of a kind a narrower or shallower student cannot take "
+            "a slice of; use student.init: config (a fresh student) instead"
+        )
+    return prefix
+
+
+def _module(parameter_name: str) -> str:
+    """The name of the module a parameter belongs to: `q_proj` for `...self_attn.q_proj.weight`."""
+    return parameter_name.rsplit(".", 2)[-2]
+
+
+def _leading_slice(source: Tensor, param: Tensor, name: str, source_name: str) -> Tensor:
+    if param.dim() != source.dim() or any(
+        s > t for s, t in zip(param.shape, source.shape, strict=True)
+    ):
+        raise ValueError(
+            f"student parameter {name} {tuple(param.shape)} does not fit in teacher "
+            f"{source_name} {tuple(source.shape)}"
+        )
+    return source[tuple(slice(0, n) for n in param.shape)]
+
+
+def _fused_qkv_slice(
+    source: Tensor, param: Tensor, teacher: PretrainedConfig, student: PretrainedConfig
+) -> Tensor:
+    """A fused projection's rows are [query heads | key heads | value heads]: the student takes
+    its first query, key and value heads from each part, and its first input features."""
+    head_dim = _head_dim(teacher)
+
+    def parts(config: PretrainedConfig) -> list[int]:
+        kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return [config.num_attention_heads * head_dim, kv * head_dim, kv * head_dim]
+
+    pieces = []
+    for t_part, s_part in zip(
+        source.split(parts(teacher)), parts(student), strict=True
+    ):  # fmt: skip
+        pieces.append(t_part[:s_part] if param.dim() == 1 else t_part[:s_part, : param.shape[1]])
+    return torch.cat(pieces)
+
+
+def _decoder_layers(model: PreTrainedModel) -> str:
+    """The name of the module list holding the model's `num_hidden_layers` decoder layers
+    (`model.layers` in the Llama family)."""
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == model.config.num_hidden_layers
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"cannot derive a student from a {model.config.model_type} teacher: expected one list "
+            f"of its {model.config.num_hidden_layers} decoder layers, found {found or 'none'}"
+        )
+    return found[0]
 
 
 def build_derived_student(
@@ -210,9 +289,10 @@ def _kv_head_choices(num_heads: int, teacher_kv: int) -> str:
     return ", ".join(str(d) for d in range(1, teacher_kv + 1) if num_heads % d == 0)
 
 
-def _teacher_name(student_name: str, layers: list[int]) -> str:
-    """The teacher parameter a student parameter copies from: same name, mapped layer index."""
-    match = _LAYER_PREFIX.match(student_name)
-    if match is None:
+def _teacher_name(student_name: str, prefix: str, layers: list[int]) -> str:
+    """The teacher parameter a student parameter copies from: same name, mapped layer index
+    (`prefix`: where the decoder layers are, e.g. `model.layers`)."""
+    if not student_name.startswith(prefix + "."):
         return student_name
-    return f"model.layers.{layers[int(match.group(1))]}." + student_name[match.end() :]
+    index, rest = student_name[len(prefix) + 1 :].split(".", 1)
+    return f"{prefix}.{layers[int(index)]}.{rest}"
