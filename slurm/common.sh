@@ -355,6 +355,13 @@ tkd_finish() {
     [ "$status" = 0 ] || tkd_log "warning: the launch exited with $status after the run finished"
     tkd_log "finished at step $step: $TKD_OUTPUT_DIR" \
             "(export: tail-kd export $TKD_OUTPUT_DIR $TKD_OUTPUT_DIR/hf)"
+    # The recipe's benchmarks (eval.tasks), if it names any: one process, on this node.
+    python -m tail_kd.cli eval "$TKD_OUTPUT_DIR" --final || {
+      status=$?
+      tkd_log "the benchmarks failed (status $status); the trained run is kept: rerun" \
+              "\`tail-kd eval $TKD_OUTPUT_DIR --final\`"
+      exit "$status"
+    }
     exit 0
   fi
   # Requeue when the trainer says it stopped early (75), or when USR1 was passed on and the run

@@ -11,7 +11,8 @@
 local ranks through the DeepSpeed launcher (`deepspeed --num_gpus N --module tail_kd.train ...`,
 with `DS_ACCELERATOR=cpu` and `CPU_MALLOC` when the recipe runs on the CPU) and returns its exit
 status; SIGUSR1 and SIGTERM sent to `tail-kd` are passed on to the ranks (see tail_kd/train.py for
-what they do). For multi-node jobs use the launchers directly (slurm/).
+what they do); a finished run whose recipe names `eval.tasks` is then benchmarked (`tail-kd eval
+RUN_DIR --final`). For multi-node jobs use the launchers directly (slurm/).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import psutil
@@ -72,6 +74,7 @@ def _train(argv: list[str]) -> int:
     from tail_kd import train
     from tail_kd.config import RecipeError
     from tail_kd.exit_status import EXIT_USAGE
+    from tail_kd.run_dir import read_done
     from tail_kd.topology import free_port
 
     parser = train.build_parser(prog="tail-kd train")
@@ -99,7 +102,12 @@ def _train(argv: list[str]) -> int:
     ]  # fmt: skip
     launcher = subprocess.Popen(command, env=env)
     _forward_signals_to_ranks(launcher)
-    return launcher.wait()
+    status = launcher.wait()
+    if status == 0 and recipe.eval.tasks and read_done(Path(recipe.output_dir)) is not None:
+        from tail_kd.eval.command import main as eval_main
+
+        return eval_main([recipe.output_dir, "--final"])  # the recipe's benchmarks
+    return status
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -242,11 +242,18 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out loss during training."""
+    """Held-out metrics during training; few-shot benchmarks after it."""
 
     # Optimizer steps between evaluations; 0 = only at the end.
     every: int = _field(50, NON_NEGATIVE)
     max_batches: int = _field(4, POSITIVE)  # micro-batches per rank per evaluation
+    # lm-evaluation-harness tasks run on the finished student (`tail-kd eval RUN_DIR --final`,
+    # which `tail-kd train --nproc` and the Slurm scripts call): task names, or `paper` for the
+    # 8-task suite of tail_kd/eval/harness.py; [] runs none.
+    tasks: list[str] = _field([])
+    task_paths: list[str] = _field([])  # folders of your own task definitions, for `tasks`
+    tasks_fewshot: int | None = _field(None, NON_NEGATIVE)  # None: each task's own default
+    tasks_limit: int | None = _field(None, POSITIVE)  # examples per task (None: all)
 
 
 @dataclass

@@ -8,6 +8,9 @@ every rank of every job then only reads:
               tokenizer only; a derived student needs nothing)
     data      tokenised with the teacher's tokenizer (without a teacher, the student's) into
               <cache_dir>/data/, exactly as the job would do it
+    tasks     with `eval.tasks`, the benchmarks' data (lm-evaluation-harness, tail_kd/eval/
+              harness.py) downloaded into the Hugging Face datasets cache; an unknown task name
+              is refused here, before anything is downloaded
 
 `--check` fetches and builds nothing: it reports each item as ready or missing and exits 0 when
 all are ready, 1 otherwise. The Slurm scripts run it before launching and, when everything is
@@ -45,6 +48,7 @@ class Item:
 def prepare(recipe: Recipe, *, check: bool) -> list[Item]:
     """Fetch and build what `recipe`'s jobs need (or with `check`, only look); report each item."""
     open_source(recipe.data, recipe.seed)  # a missing data file: say so before the models load
+    tasks = _checked_tasks(recipe)  # an unknown benchmark: likewise
     items = []
     if recipe.teacher is not None:
         teacher = recipe.teacher
@@ -61,7 +65,26 @@ def prepare(recipe: Recipe, *, check: bool) -> list[Item]:
         if tokenizer_item.ready
         else Item("data", f"needs the {tokenizer_item.name}'s tokenizer", False)
     )
+    if tasks:
+        items.append(_tasks_item(*tasks, check))
     return items
+
+
+def _checked_tasks(recipe: Recipe) -> tuple[object, list[str]] | None:
+    """(lm-eval's task index, the recipe's task names expanded), or None without `eval.tasks`."""
+    if not recipe.eval.tasks:
+        return None
+    from tail_kd.eval.harness import check_tasks, task_manager
+
+    manager = task_manager(recipe.eval.task_paths)
+    return manager, check_tasks(manager, recipe.eval.tasks, field="eval.tasks")
+
+
+def _tasks_item(manager: object, tasks: list[str], check: bool) -> Item:
+    from tail_kd.eval.harness import fetch_tasks
+
+    ready = fetch_tasks(manager, tasks, check=check)
+    return Item("tasks", f"benchmark data of {', '.join(tasks)} (datasets cache)", ready)
 
 
 def _model_item(

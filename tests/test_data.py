@@ -561,3 +561,33 @@ def test_prepare_data_check_of_a_gguf_teacher_converts_nothing(tmp_path, text_di
     assert f"teacher  MISSING {gguf} converted into {tmp_path / 'cache' / 'gguf'}" in (
         capsys.readouterr().out
     )
+
+
+def test_prepare_data_refuses_an_unknown_benchmark_before_building_anything(
+    tmp_path, text_dir, capsys
+):
+    recipe = _write_recipe(tmp_path / "r.yaml", "tiny://", text_dir, tmp_path / "cache")
+    assert prepare.main([str(recipe), "--set", "eval.tasks=[arc_easy, arc_eazy]"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.tasks: lm-eval knows no task arc_eazy" in err and "eval.task_paths" in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_prepare_data_fetches_benchmarks_and_check_finds_what_is_missing(
+    tmp_path, text_dir, capsys, monkeypatch
+):
+    """The shipped maths task (local data) is fetched and then ready; arc_easy's data are not in
+    the (empty) datasets cache, and --check says so without going to the hub."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TAIL_KD_CACHE", str(tmp_path / "tail_kd"))
+    recipe = _write_recipe(tmp_path / "r.yaml", "tiny://", text_dir, tmp_path / "cache")
+    maths = ["--set", "eval.tasks=[tail_kd_gsm_symbolic_chat]"]
+    assert prepare.main([str(recipe), *maths]) == 0
+    capsys.readouterr()
+    assert prepare.main([str(recipe), *maths, "--check"]) == 0
+    assert "tasks    ready   benchmark data of tail_kd_gsm_symbolic_chat" in capsys.readouterr().out
+    arc = ["--set", "eval.tasks=[tail_kd_gsm_symbolic_chat, arc_easy]"]
+    assert prepare.main([str(recipe), *arc, "--check"]) == 1
+    assert "tasks    MISSING benchmark data of tail_kd_gsm_symbolic_chat, arc_easy" in (
+        capsys.readouterr().out
+    )

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -281,7 +282,8 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     run_dir, cache = root / "run", root / "cache"
     sets = ["train.steps=2", "train.warmup_steps=1", "checkpoint.every=0", "eval.every=0",
-            "eval.max_batches=2", f"cache_dir={cache}"]  # fmt: skip
+            "eval.max_batches=2", f"cache_dir={cache}", "eval.tasks=[tail_kd_gsm_symbolic_chat]",
+            "eval.tasks_limit=2"]  # fmt: skip
     command = [
         sys.executable,
         "-m",
@@ -295,9 +297,11 @@ def tiny(tmp_path_factory):
     ]
     for value in sets:
         command += ["--set", value]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TAIL_KD_CACHE": str(cache),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert read_done(run_dir) is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     exported = export(run_dir, root / "student")
     teacher_dir = build_tiny_pair(cache / "tiny")[0]  # built by the run: found in the cache
     return {
@@ -306,6 +310,7 @@ def tiny(tmp_path_factory):
         "cache": cache,
         "student": exported,
         "teacher": teacher_dir,
+        "proc": proc,
     }
 
 
@@ -461,3 +466,113 @@ def test_printed_metrics_show_their_size():
         format_metrics({**metrics, "lr": 1e-4})
         == "ce 2.901 | top1 0.5 | full_ece 1.4e-10 | lr 1.00e-04"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot benchmarks through lm-evaluation-harness (tail_kd/eval/harness.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ending_task(tmp_path_factory) -> Path:
+    """A local multiple-choice task (no hub): the true second half of a KJV verse among four."""
+    import random
+
+    folder = tmp_path_factory.mktemp("tasks")
+    corpus = (REPO / "tail_kd" / "assets" / "tiny_corpus.txt").read_text().splitlines()
+    verses = [v.split() for v in corpus if len(v.split()) > 8][:120]
+    rng = random.Random(0)
+    rows = []
+    for words in verses[:30]:
+        cut = len(words) // 2
+        others = [" ".join(o[len(o) // 2 :]) for o in rng.sample(verses[30:], 3)]
+        label = rng.randrange(4)
+        choices = others[:label] + [" ".join(words[cut:])] + others[label:]
+        rows.append({"context": " ".join(words[:cut]), "choices": choices, "label": label})
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = [{"text": " ".join(words)} for words in verses[30:]]  # held-out text for Full-ECE
+    (folder / "text.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    (folder / "kjv_ending.yaml").write_text(
+        textwrap.dedent(f"""\
+        task: kjv_ending
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {folder / "test.jsonl"}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{context}}}}"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: "{{{{label}}}}"
+        metric_list:
+          - metric: acc
+          - metric: acc_norm
+        metadata:
+          version: 1.0
+    """)
+    )
+    return folder
+
+
+def _choice_accuracy(model_dir: Path, rows: list[dict]) -> tuple[float, float]:
+    """(acc, acc_norm) computed here: the summed log-probability of each choice after its
+    context (lm-eval's " " between them), argmax; acc_norm divides by the choice's bytes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    acc = acc_norm = 0
+    for row in rows:
+        scores = []
+        for choice in row["choices"]:
+            context = tokenizer.encode(row["context"], add_special_tokens=False)
+            whole = tokenizer.encode(row["context"] + " " + choice, add_special_tokens=False)
+            with torch.no_grad():
+                logp = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+            total = sum(logp[i - 1, whole[i]].item() for i in range(len(context), len(whole)))
+            scores.append((total, total / len((" " + choice).encode())))
+        acc += max(range(len(scores)), key=lambda i: scores[i][0]) == row["label"]
+        acc_norm += max(range(len(scores)), key=lambda i: scores[i][1]) == row["label"]
+    return acc / len(rows), acc_norm / len(rows)
+
+
+def test_benchmarks_score_like_a_direct_log_likelihood_comparison(tiny, ending_task, capsys):
+    """`tail-kd eval --tasks` on a local multiple-choice task: the accuracy lm-eval reports is
+    the one computed here from the model's own log-probabilities, and it reaches the JSON report
+    and TensorBoard (eval/tasks/<task>, eval/tasks/average)."""
+    from tail_kd.eval.command import main
+
+    out, tensorboard = tiny["root"] / "tasks.json", tiny["root"] / "tasks-tb"
+    status = main([str(tiny["student"]), "--data", str(ending_task / "text.jsonl"), "--tasks",
+                   "kjv_ending", "--task-path", str(ending_task), "--limit", "20", "--out",
+                   str(out), "--tensorboard", str(tensorboard)])  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    task = benchmarks["tasks"]["kjv_ending"]
+    rows = [json.loads(line) for line in (ending_task / "test.jsonl").read_text().splitlines()]
+    acc, acc_norm = _choice_accuracy(tiny["student"], rows[:20])
+    assert (task["acc,none"], task["acc_norm,none"]) == (acc, acc_norm)
+    assert task["metric"] == "acc_norm" and benchmarks["average_accuracy"] == acc_norm
+    scalars = read_scalars(tensorboard)
+    assert scalars["eval/tasks/kjv_ending"] == [(0, pytest.approx(acc_norm))]
+    assert "accuracy: kjv_ending" in capsys.readouterr().out
+
+
+def test_an_unknown_task_is_named_before_the_model_loads(tiny, capsys):
+    from tail_kd.eval.command import main
+
+    assert main([str(tiny["run"]), "--tasks", "arc_easy,no_such_task"]) == 2
+    assert "lm-eval knows no task no_such_task" in capsys.readouterr().err
+
+
+def test_a_run_whose_recipe_names_tasks_is_benchmarked_when_it_finishes(tiny):
+    """The fixture's `tail-kd train --nproc 2` ran `tail-kd eval RUN --final`: the recipe's task
+    (the shipped maths one, 2 problems) in RUN/final_eval.json and in the run's TensorBoard at
+    its last step."""
+    report = json.loads((tiny["run"] / "final_eval.json").read_text())
+    task = report["benchmarks"]["tasks"]["tail_kd_gsm_symbolic_chat"]
+    assert task["metric"] == "exact_match" and task["samples"] == 2
+    (tb_run,) = (tiny["run"] / "tensorboard").iterdir()
+    scalars = read_scalars(tb_run)
+    assert [step for step, _ in scalars["eval/tasks/tail_kd_gsm_symbolic_chat"]] == [2]
+    assert f"report: {tiny['run'] / 'final_eval.json'}" in tiny["proc"].stdout

@@ -21,9 +21,18 @@ number of sequences scored.
 
 The metrics are those of tail_kd/eval/evaluate.py: ce, perplexity, top1_accuracy, ece, full_ece;
 with `--teacher`, kl_to_teacher and top1_agreement; with `--gsm N`, gsm_accuracy and
-gsm_strict_accuracy on N held-out gsm_symbolic problems. The report is printed, written as JSON
-with `--out`, and logged as TensorBoard scalars `eval/<metric>` with `--tensorboard DIR` (at the
-checkpoint's step, or `--tb-step`).
+gsm_strict_accuracy on N held-out gsm_symbolic problems; with `--tasks a,b,...` (or `paper`, the
+8-task suite of tail_kd/eval/harness.py), the accuracy of each lm-evaluation-harness task and
+their average (`--num-fewshot`, `--limit`; `--task-path DIR` adds task definitions of your own).
+The report is printed, written as JSON with `--out`, and logged as TensorBoard scalars
+`eval/<metric>` and `eval/tasks/<task>` with `--tensorboard DIR` (at the checkpoint's step, or
+`--tb-step`).
+
+`--final` is the evaluation at the end of a training run (`tail-kd train --nproc` and the Slurm
+scripts call it): for a run directory whose recipe names `eval.tasks`, those tasks (with its
+`eval.tasks_fewshot`, `eval.tasks_limit` and `eval.task_paths`) and the held-out metrics, written to
+`RUN_DIR/final_eval.json` and into the run's own TensorBoard curves at its last step; nothing for a
+recipe without tasks.
 
 The arguments are checked before torch's models or transformers are loaded: a missing `--data`
 is reported in a fraction of the time a model takes to load.
@@ -46,7 +55,9 @@ __all__ = ["build_parser", "check_arguments", "main"]
 
 def check_arguments(args: argparse.Namespace) -> None:
     """The mistakes that need no model to find: no `--data` for a model that is not a run
-    directory, or a `--data` path that does not exist."""
+    directory, a `--data` path that does not exist, `--final` for something else than a run."""
+    if args.final and not is_run_dir(args.model):
+        raise UsageError(f"--final needs a training run directory; {args.model} is not one")
     if args.data is None and not is_run_dir(args.model):
         raise UsageError(
             "no data to score: pass --data RECIPE.yaml or a data file (a run directory has its own)"
@@ -89,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1"
     )
+    parser.add_argument(
+        "--tasks",
+        type=lambda text: [t for t in text.split(",") if t],
+        default=[],
+        help="lm-evaluation-harness tasks, comma-separated (`paper`: the paper's 8-task suite)",
+    )
+    parser.add_argument("--num-fewshot", type=int, help="tasks: examples in each prompt")
+    parser.add_argument("--limit", type=int, help="tasks: score at most N examples of each")
+    parser.add_argument(
+        "--task-path", action="append", default=[], help="tasks: a folder of task definitions"
+    )
+    parser.add_argument(
+        "--final",
+        action="store_true",
+        help="a run's end-of-training evaluation: its recipe's eval.tasks, into the run",
+    )
     return parser
 
 
@@ -96,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_arguments(args)
+        if args.final and not _final_settings(args):
+            print(f"{args.model}: its recipe names no eval.tasks: nothing to run at the end")
+            return 0
         import torch
 
         from tail_kd.eval.evaluate import (
@@ -106,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_tensorboard,
         )
 
+        manager = None
+        if args.tasks:  # unknown task names: say so before a model loads
+            from tail_kd.eval.harness import check_tasks, task_manager
+
+            manager = task_manager(args.task_path)
+            check_tasks(manager, args.tasks)
         device = args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,6 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
         )
         report = evaluator.evaluate(student, gsm=args.gsm)
+        if args.tasks:
+            from tail_kd.eval.harness import run_tasks
+
+            report["benchmarks"] = run_tasks(
+                student,
+                args.tasks,
+                manager,
+                num_fewshot=args.num_fewshot,
+                limit=args.limit,
+                batch_size=args.batch_size,
+            )
     except (UsageError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -140,9 +187,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"report: {args.out}")
     if args.tensorboard:
         step = args.tb_step if args.tb_step is not None else (student.step or 0)
-        write_tensorboard(args.tensorboard, report["metrics"], step)
+        write_tensorboard(args.tensorboard, report, step)
         print(f"TensorBoard scalars eval/*: {args.tensorboard} (step {step})")
     return 0
+
+
+def _final_settings(args: argparse.Namespace) -> bool:
+    """Fill `args` with a run's end-of-training evaluation (module docstring); False when its
+    recipe names no tasks."""
+    from tail_kd.run_dir import find_checkpoint
+
+    state = find_checkpoint(args.model).trainer_state
+    evaluation = state["recipe"].get("eval", {})
+    if not evaluation.get("tasks"):
+        return False
+    args.tasks = evaluation["tasks"]
+    args.task_path = evaluation.get("task_paths", []) + args.task_path
+    args.num_fewshot = evaluation.get("tasks_fewshot")
+    args.limit = evaluation.get("tasks_limit")
+    args.out = args.out or str(Path(args.model) / "final_eval.json")
+    args.tensorboard = args.tensorboard or state["tensorboard"]["log_dir"]
+    return True
 
 
 if __name__ == "__main__":

@@ -368,14 +368,20 @@ def _gsm_settings(recipe: Any) -> tuple[int, int | None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_tensorboard(log_dir: str | Path, metrics: dict[str, float], step: int) -> None:
-    """Log each finite metric of REPORTED as the scalar `eval/<name>` at `step`."""
+def write_tensorboard(log_dir: str | Path, report: dict[str, Any], step: int) -> None:
+    """Log each finite metric of REPORTED as the scalar `eval/<name>` at `step`, and the
+    benchmarks' accuracies (`report["benchmarks"]`, tail_kd/eval/harness.py) as
+    `eval/tasks/<name>` and `eval/tasks/average`."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from tail_kd.eval.harness import task_scalars
+
+    scalars = {name: report["metrics"].get(name) for name in REPORTED}
+    if report.get("benchmarks"):
+        scalars.update(task_scalars(report["benchmarks"]))
     writer = SummaryWriter(str(log_dir))
     try:
-        for name in REPORTED:
-            value = metrics.get(name)
+        for name, value in scalars.items():
             if value is not None and math.isfinite(value):
                 writer.add_scalar(f"eval/{name}", value, step)
     finally:
@@ -386,9 +392,16 @@ def format_report(report: dict[str, Any]) -> str:
     metrics = report["metrics"]
     parts = [f"{name} {metrics[name]:.4g}" for name in REPORTED if name in metrics]
     data = report["data"]
-    return (
+    text = (
         f"{report['model']}"
         + (f" (step {report['step']})" if report["step"] is not None else "")
         + f": {data['sequences']} sequences, {int(data['positions'])} scored positions\n"
         + " | ".join(parts)
     )
+    if report.get("benchmarks"):
+        tasks = report["benchmarks"]["tasks"]
+        text += "\naccuracy: " + " | ".join(
+            [f"{name} {r['accuracy']:.4g}" for name, r in tasks.items()]
+            + [f"average {report['benchmarks']['average_accuracy']:.4g}"]
+        )
+    return text
