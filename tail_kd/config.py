@@ -194,6 +194,12 @@ class LossConfig:
     chunk_size: int = _field(1024, POSITIVE)  # tokens per fused-loss chunk
     # The fused loss's chunks: torch.compile'd or eager; auto = compiled on GPUs.
     kernels: Literal["auto", "eager", "compiled"] = "auto"
+    # Hidden-state alignment (tail_kd/losses/hidden.py): + hidden_weight * mean (1 - cosine)
+    # between the teacher's and the student's hidden states; 0 = off. hidden_layers: [teacher,
+    # student] index pairs as in output_hidden_states (tail_kd/hidden_alignment.py); [] = the
+    # final states. A narrower student gets a learned projection per pair (not exported).
+    hidden_weight: float = _field(0.0, NON_NEGATIVE)
+    hidden_layers: list[tuple[int, int]] = _field([])
 
     def __post_init__(self) -> None:
         if self.divergence == "none" and self.ce_weight == 0:
@@ -334,6 +340,11 @@ class Recipe:
                 "teacher",
                 f"required for loss.divergence {self.loss.divergence}: set teacher.path, or "
                 "loss.divergence=none to train the student on CE alone",
+            )
+        if self.teacher is None and self.loss.hidden_weight > 0:
+            raise _FieldError(
+                "loss.hidden_weight",
+                "aligns the student's hidden states with the teacher's: set teacher.path, or 0",
             )
         if self.teacher is None and self.student.init == "derived":
             raise _FieldError(

@@ -2,13 +2,16 @@
 
 Teacher: a ZeRO-3 inference engine (`deepspeed.initialize` with no optimizer, as TRL's
 `prepare_deepspeed` does), in eval mode with gradients off; its weights are sharded over all ranks.
-Its forward returns the final hidden states only (`TeacherHiddenStates`). A recipe without a
-teacher (CE only) has none: no engine, no forward, no lm_head, no teacher metrics.
+Its forward returns hidden states only (`TeacherHiddenStates`): the final ones, and those the
+hidden-state alignment needs. A recipe without a teacher (CE only) has none: no engine, no
+forward, no lm_head, no teacher metrics.
 
 Student: a ZeRO-3 training engine around `StudentWithLoss`, whose forward runs the student's
-backbone and then the loss on both models' final hidden states and lm_head weights. The logits of
-the batch are never materialised (with the fused loss). Where the loss gets the lm_head weights
-from is the head source's business (tail_kd/heads.py: gathered whole, or row shards per rank).
+backbone and then the loss on both models' final hidden states and lm_head weights, plus
+`loss.hidden_weight` times the hidden-state alignment (tail_kd/hidden_alignment.py, whose
+projections the engine trains with the student). The logits of the batch are never materialised
+(with the fused loss). Where the loss gets the lm_head weights from is the head source's
+business (tail_kd/heads.py: gathered whole, or row shards per rank).
 
 This module imports DeepSpeed: import it after `tail_kd.distributed.init_distributed`.
 """
@@ -16,6 +19,7 @@ This module imports DeepSpeed: import it after `tail_kd.distributed.init_distrib
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 
 import deepspeed
@@ -28,7 +32,13 @@ from tail_kd.deepspeed_config import student_config, teacher_config
 from tail_kd.distributed import DistContext
 from tail_kd.eval.metrics import TokenMetrics, score_hidden_states
 from tail_kd.heads import HeadSource, LossFunction, lm_head, make_heads
-from tail_kd.losses import IDENTITY, LossInputs, dense_distillation_loss, fused_distillation_loss
+from tail_kd.hidden_alignment import HiddenAlignment, aligned_pairs, hidden_states_at
+from tail_kd.losses import (
+    IDENTITY,
+    LossInputs,
+    dense_distillation_loss,
+    fused_distillation_loss,
+)
 from tail_kd.models import head_logits, logit_transform
 from tail_kd.pair import ModelPlan
 from tail_kd.optim import lr_scheduler, weight_decay_groups
@@ -63,17 +73,16 @@ def loss_function(
 
 
 class TeacherHiddenStates(nn.Module):
-    """A causal LM reduced to its backbone: input ids -> final hidden states [B, T, H]."""
+    """A causal LM reduced to its backbone: input ids -> (final hidden states [B, T, H], *the
+    hidden states at `aligned`, the alignment's teacher indices)."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, aligned: tuple[int, ...] = ()):
         super().__init__()
         self.model = model
+        self.indices = (model.config.num_hidden_layers, *aligned)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        out = self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        )
-        return out.last_hidden_state
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        return hidden_states_at(self.model, input_ids, attention_mask, self.indices)
 
 
 class StudentWithLoss(nn.Module):
@@ -81,16 +90,29 @@ class StudentWithLoss(nn.Module):
 
     Position t's hidden state predicts the token at t + 1: the loss sees hidden[:, :-1] against
     labels[:, 1:] (labels follow the Hugging Face convention, aligned with input_ids, -100 = none).
-    Returns a dict of tensors (DeepSpeed's ZeRO-3 hooks only look inside tuples, lists and dicts):
-    `tail_kd.losses.LOSS_SCALARS` (the loss differentiable, the rest detached means over the
-    micro-batch's valid tokens) and `num_tokens`.
+    With an `align`ment, loss = distillation loss + hidden_weight * L_hid
+    (tail_kd/losses/hidden.py) on the same positions. Returns a dict of tensors (DeepSpeed's
+    ZeRO-3 hooks only look inside tuples, lists and dicts): `tail_kd.losses.STEP_SCALARS` (the loss
+    differentiable, the rest detached means over the micro-batch's valid tokens) and `num_tokens`.
     """
 
-    def __init__(self, student: PreTrainedModel, loss_fn: LossFunction, heads: HeadSource):
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        loss_fn: LossFunction,
+        heads: HeadSource,
+        align: HiddenAlignment | None = None,
+        hidden_weight: float = 0.0,
+    ):
         super().__init__()
         self.student = student
         self.loss_fn = loss_fn
         self.heads = heads
+        self.align = align
+        self.hidden_weight = hidden_weight
+        self.indices = (student.config.num_hidden_layers,)
+        if align is not None:
+            self.indices += align.student_indices
         heads.attach(self, student)
 
     def forward(
@@ -98,26 +120,30 @@ class StudentWithLoss(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         labels: Tensor,
-        teacher_hidden: Tensor | None,
+        teacher_states: tuple[Tensor, ...] | None,
         teacher_weight: Tensor | None,
     ) -> dict[str, Tensor]:
-        """teacher_hidden/teacher_weight may be None for a loss that needs no teacher (CE only)."""
-        out = self.student.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        )
+        """`teacher_states`: `TeacherHiddenStates`' output; it and teacher_weight may be None for
+        a loss that needs no teacher (CE only)."""
+        hidden, *aligned = hidden_states_at(self.student, input_ids, attention_mask, self.indices)
         weight = self.heads.student_weight(self.student)
         if not torch.is_grad_enabled():  # evaluation: spare the fused loss its in-pass gradients
             weight = weight.detach()
         inputs = LossInputs(
-            student_hidden=out.last_hidden_state[:, :-1],
+            student_hidden=hidden[:, :-1],
             student_weight=weight,
-            teacher_hidden=None if teacher_hidden is None else teacher_hidden[:, :-1],
+            teacher_hidden=None if teacher_states is None else teacher_states[0][:, :-1],
             teacher_weight=teacher_weight,
             labels=labels[:, 1:],
         )
         result = self.heads.loss(self.loss_fn, inputs)
+        scalars = result.scalars()
+        cosine = torch.full_like(scalars["ce"], math.nan)  # STEP_SCALARS has it: NaN when off
+        if self.align is not None:
+            distance, cosine = self.align(aligned, teacher_states[1:], labels)
+            scalars["loss"] = scalars["loss"] + self.hidden_weight * distance
         num_tokens = torch.tensor(float(result.num_tokens), device=result.loss.device)
-        return {**result.scalars(), "num_tokens": num_tokens}
+        return {**scalars, "hidden_cosine": cosine, "num_tokens": num_tokens}
 
 
 class Distiller:
@@ -146,7 +172,13 @@ class Distiller:
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         self.heads = make_heads(recipe.parallel.vocab_parallel_size, vocab_size, student)
-        model = StudentWithLoss(student, loss_fn, self.heads)
+        align = None
+        if recipe.loss.hidden_weight > 0:
+            pairs = aligned_pairs(
+                recipe.loss, teacher.config.num_hidden_layers, student.config.num_hidden_layers
+            )
+            align = HiddenAlignment(pairs, student.config.hidden_size, teacher.config.hidden_size)
+        model = StudentWithLoss(student, loss_fn, self.heads, align, recipe.loss.hidden_weight)
         self.student, *_ = deepspeed.initialize(
             model=model,
             model_parameters=weight_decay_groups(model, recipe.train.weight_decay),
@@ -156,8 +188,10 @@ class Distiller:
         self.teacher = None
         if teacher is not None:
             teacher.requires_grad_(False)
+            aligned = () if align is None else align.teacher_indices
             self.teacher, *_ = deepspeed.initialize(
-                model=TeacherHiddenStates(teacher), config=teacher_config(ds_student, teacher.dtype)
+                model=TeacherHiddenStates(teacher, aligned),
+                config=teacher_config(ds_student, teacher.dtype),
             )
             self.teacher.eval()
         self.heads.bind(self.student, self.teacher_model)
@@ -177,9 +211,9 @@ class Distiller:
         if self.teacher is None:
             return self.student(input_ids, attention_mask, labels, None, None)
         with torch.no_grad():
-            teacher_hidden = self.teacher(input_ids, attention_mask)
+            teacher_states = self.teacher(input_ids, attention_mask)
         with self.heads.teacher_weight(self.teacher_model) as teacher_weight:
-            return self.student(input_ids, attention_mask, labels, teacher_hidden, teacher_weight)
+            return self.student(input_ids, attention_mask, labels, teacher_states, teacher_weight)
 
     def backward(self, loss: Tensor) -> None:
         """The student engine's backward (and the head source's bookkeeping)."""
@@ -196,7 +230,7 @@ class Distiller:
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
         student, teacher = self.student.module.student, self.teacher_model
-        teacher_hidden = None if teacher is None else self.teacher(input_ids, attention_mask)
+        teacher_hidden = None if teacher is None else self.teacher(input_ids, attention_mask)[0]
         hidden = student.base_model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state

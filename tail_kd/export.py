@@ -68,7 +68,13 @@ def load_student(
         )
     checkpoint = find_checkpoint(run_dir, step)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path), tag=DEEPSPEED_TAG)
-    state = {name.removeprefix(WRAPPER_PREFIX): tensor for name, tensor in state.items()}
+    # The student's own weights; the engine's other modules (the hidden-state alignment's
+    # projections) are training aids.
+    state = {
+        name.removeprefix(WRAPPER_PREFIX): tensor
+        for name, tensor in state.items()
+        if name.startswith(WRAPPER_PREFIX)
+    }
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec), dtype=torch.float32)
     try:
         model.load_state_dict(state, strict=True)

@@ -15,20 +15,21 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from tail_kd.eval.metrics import TOKEN_METRICS
-from tail_kd.losses import LOSS_SCALARS
+from tail_kd.losses import STEP_SCALARS
 
 __all__ = [
     "Monitor",
     "TRAIN_SCALARS",
     "EVAL_SCALARS",
     "TEACHER_SCALARS",
+    "HIDDEN_SCALARS",
     "format_metrics",
     "read_scalars",
 ]
 
 # Logged as train/<name> at every log step: the loss scalars every training forward returns
 # (tail_kd.distiller.StudentWithLoss), averaged per step, and the step's own numbers.
-TRAIN_SCALARS = LOSS_SCALARS + (
+TRAIN_SCALARS = STEP_SCALARS + (
     "lr",
     "grad_norm",
     "tokens_per_sec",
@@ -45,6 +46,9 @@ TEACHER_SCALARS = {
     "top1_agreement",
 }
 
+# What a run without hidden-state alignment (loss.hidden_weight 0) does not log.
+HIDDEN_SCALARS = {"hidden_cosine"}
+
 _SHORT_NAMES = {
     "loss": "loss",
     "ce": "ce",
@@ -57,6 +61,7 @@ _SHORT_NAMES = {
     "top1_agreement": "agree",
     "teacher_tail_mass": "tailT",
     "student_tail_mass": "tailS",
+    "hidden_cosine": "hcos",
     "lr": "lr",
     "grad_norm": "gnorm",
     "tokens_per_sec": "tok/s",
@@ -88,12 +93,20 @@ class Monitor:
     training starts from (after a resume), and close with `close`.
     """
 
-    def __init__(self, enabled: bool, log_dir: str | Path, total_steps: int, teacher: bool = True):
-        """`teacher`: whether the run has one (without, the TEACHER_SCALARS are not logged)."""
+    def __init__(
+        self,
+        enabled: bool,
+        log_dir: str | Path,
+        total_steps: int,
+        teacher: bool = True,
+        hidden: bool = False,
+    ):
+        """`teacher`: whether the run has one (without, the TEACHER_SCALARS are not logged);
+        `hidden`: whether it aligns hidden states (without, no hidden_cosine)."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.log_dir = Path(log_dir)
-        dropped = set() if teacher else TEACHER_SCALARS
+        dropped = (set() if teacher else TEACHER_SCALARS) | (set() if hidden else HIDDEN_SCALARS)
         self.train_scalars = [name for name in TRAIN_SCALARS if name not in dropped]
         self.eval_scalars = [name for name in EVAL_SCALARS if name not in dropped]
 

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from tail_kd.config import Recipe, RecipeError
+from tail_kd.hidden_alignment import aligned_pairs
 from tail_kd.models import (
     VocabularyMismatchError,
     build_tiny_pair,
@@ -160,6 +161,10 @@ def plan_models(recipe: Recipe) -> ModelPlan:
             "folder) or distil within one tokenizer family"
         )
     _check_fit(recipe, teacher_config, student_config, vocab_size)
+    if recipe.loss.hidden_weight > 0:  # the layer pairs exist in both models
+        aligned_pairs(
+            recipe.loss, teacher_config.num_hidden_layers, student_config.num_hidden_layers
+        )
     return ModelPlan(
         teacher_dir,
         teacher_config,

@@ -90,7 +90,11 @@ def set_up_run(recipe: Recipe, options, ctx: DistContext, stop_flag: StopFlag):
         eval_set=eval_set,
         checkpoints=checkpoints,
         monitor=Monitor(
-            ctx.is_main, tensorboard_run, recipe.train.steps, teacher=teacher is not None
+            ctx.is_main,
+            tensorboard_run,
+            recipe.train.steps,
+            teacher=teacher is not None,
+            hidden=recipe.loss.hidden_weight > 0,
         ),
         stop_flag=stop_flag,
         stop_after_steps=options.stop_after_steps,

@@ -28,7 +28,7 @@ from tail_kd.distiller import Distiller
 from tail_kd.distributed import DistContext
 from tail_kd.eval.metrics import TokenMetrics
 from tail_kd.exit_status import EXIT_DIVERGED, EXIT_PREEMPTED
-from tail_kd.losses import LOSS_SCALARS
+from tail_kd.losses import STEP_SCALARS
 from tail_kd.monitor import Monitor
 from tail_kd.run_dir import Checkpoint, step_dir_name, write_done
 from tail_kd.signals import StopFlag
@@ -43,7 +43,7 @@ from tail_kd.step_health import (
 __all__ = ["Trainer", "StepResult"]
 
 # What each micro-batch of a step contributes to the step's metrics (one all-reduce for all).
-ROW_SCALARS = (*LOSS_SCALARS, "tokens")
+ROW_SCALARS = (*STEP_SCALARS, "tokens")
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ class Trainer:
         totals = dict(zip(ROW_SCALARS, self.ctx.sum(per_micro_batch.sum(0)).tolist(), strict=True))
         seconds = time.perf_counter() - start
         micro_batches = self.accumulation * self.ctx.world_size
-        metrics = {name: totals[name] / micro_batches for name in LOSS_SCALARS}
+        metrics = {name: totals[name] / micro_batches for name in STEP_SCALARS}
         metrics.update(
             lr=lr,
             grad_norm=float(engine.get_global_grad_norm()),

@@ -29,7 +29,7 @@ from tail_kd.checkpoint import DEEPSPEED_TAG
 from tail_kd.cli import CPU_MALLOC
 from tail_kd.config import load_recipe
 from tail_kd.exit_status import EXIT_PREEMPTED, EXIT_USAGE
-from tail_kd.monitor import EVAL_SCALARS, TEACHER_SCALARS, TRAIN_SCALARS
+from tail_kd.monitor import EVAL_SCALARS, HIDDEN_SCALARS, TEACHER_SCALARS, TRAIN_SCALARS
 from tail_kd.pair import load_models, plan_models
 from tail_kd.run_dir import complete_checkpoints, find_checkpoint, read_done
 from tail_kd.topology import free_port
@@ -101,7 +101,9 @@ def one_step(workdir, full) -> dict[str, Run]:
 def test_full_run_learns_and_logs_every_scalar(full):
     full.assert_finished(STEPS)
     scalars = full.scalars()
-    for name in TRAIN_SCALARS:
+    for name in HIDDEN_SCALARS:  # no hidden-state alignment in this recipe
+        assert f"train/{name}" not in scalars, name
+    for name in set(TRAIN_SCALARS) - HIDDEN_SCALARS:
         assert [step for step, _ in scalars[f"train/{name}"]] == list(range(1, STEPS + 1)), name
     for name in EVAL_SCALARS:
         assert [step for step, _ in scalars[f"eval/{name}"]] == [0, 4, 8], name
@@ -133,7 +135,7 @@ def test_resume_reproduces_the_uninterrupted_run(full, resumed):
     resumed.assert_finished(STEPS)
     assert "resumed from" in resumed.proc.stdout, resumed.output
     reference, continued = full.scalars(), resumed.scalars()
-    for name in TRAIN_SCALARS:
+    for name in set(TRAIN_SCALARS) - HIDDEN_SCALARS:
         if name == "tokens_per_sec":
             continue
         tag = f"train/{name}"
@@ -245,11 +247,17 @@ def final_student(run: Run, out: Path) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
 
 
-def assert_same_run(reference: Run, other: Run, steps: int, tmp_path: Path) -> None:
-    """Same loss curve, gradient norms and held-out CE, and the same final student, to 1e-4."""
+CURVES = ("train/loss", "train/ce", "train/divergence", "train/grad_norm", "eval/ce")
+
+
+def assert_same_run(
+    reference: Run, other: Run, steps: int, tmp_path: Path, curves: tuple[str, ...] = CURVES
+) -> None:
+    """Same loss curve, gradient norms and held-out CE (`curves`), and the same final student, to
+    1e-4."""
     other.assert_finished(steps)
     expected, got = reference.scalars(), other.scalars()
-    for tag in ("train/loss", "train/ce", "train/divergence", "train/grad_norm", "eval/ce"):
+    for tag in curves:
         assert [step for step, _ in got[tag]] == [step for step, _ in expected[tag]], tag
         for (step, want), (_, value) in zip(expected[tag], got[tag]):
             assert value == pytest.approx(want, rel=1e-4, abs=1e-6), (tag, step)
@@ -353,3 +361,51 @@ def test_vocab_parallel_size_must_divide_the_ranks(workdir, full):
     )
     assert run.proc.returncode == EXIT_USAGE, run.output
     assert "parallel.vocab_parallel_size: 3 does not divide the 2 ranks" in run.output
+
+
+# The hidden-state alignment: the derived student (2 layers, width 32) against the teacher (4
+# layers, width 64), so through learned projections; its layer 1 with the teacher's layer 2, and
+# the final states.
+HIDDEN = [*COMMON, "loss.hidden_weight=1.0", "loss.hidden_layers=[[2, 1], [-1, -1]]"]
+
+
+@pytest.fixture(scope="module")
+def hidden(workdir, full) -> Run:
+    return launch(workdir / "hidden", workdir / "cache", HIDDEN)
+
+
+def test_hidden_alignment_trains_with_the_student_and_stays_out_of_the_export(hidden, tmp_path):
+    """train/hidden_cosine is logged and rises (the projections and the student learn to align),
+    train/loss = ce + divergence + hidden_weight * (1 - hidden_cosine) at every step, the
+    projections are in the checkpoint and not in the exported student, which equals the
+    checkpoint's student weights."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    hidden.assert_finished(STEPS)
+    scalars = {tag: [value for _, value in values] for tag, values in hidden.scalars().items()}
+    cosine = scalars["train/hidden_cosine"]
+    assert len(cosine) == STEPS and cosine[-1] > cosine[0] + 0.1, cosine
+    for loss, ce, divergence, cos in zip(
+        scalars["train/loss"], scalars["train/ce"], scalars["train/divergence"], cosine
+    ):
+        assert loss == pytest.approx(ce + divergence + (1 - cos), rel=1e-5)
+    checkpoint = find_checkpoint(hidden.dir, step=STEPS).path
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+    projections = {name: t.shape for name, t in state.items() if name.startswith("align.")}
+    assert projections == {
+        "align.projections.0.weight": (64, 32),
+        "align.projections.1.weight": (64, 32),
+    }
+    exported = final_student(hidden, tmp_path / "student")
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, state[f"student.{name}"], rtol=0, atol=0, msg=name)
+
+
+def test_hidden_alignment_with_vocab_parallel_heads_and_a_resume(workdir, hidden, tmp_path):
+    """The same run with the heads split over the 2 ranks, stopped after 4 steps and resumed (the
+    projections come back from the checkpoint): the same curves, alignment included."""
+    sets = [*HIDDEN, "parallel.vocab_parallel_size=2"]
+    stopped = launch(workdir / "hidden-vp", workdir / "cache", sets, "--stop-after-steps", "4")
+    assert [c.step for c in complete_checkpoints(stopped.dir)] == [4], stopped.output
+    resumed = launch(stopped.dir, workdir / "cache", sets, "--resume")
+    assert_same_run(hidden, resumed, STEPS, tmp_path, (*CURVES, "train/hidden_cosine"))

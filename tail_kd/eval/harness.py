@@ -27,6 +27,7 @@ that does not exist or data that cannot be fetched stop the run before it trains
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -67,7 +68,13 @@ def expand_tasks(names: Sequence[str]) -> list[str]:
 
 def task_manager(include_paths: Sequence[str] = ()) -> Any:
     """lm-eval's index of its tasks, the ones shipped in tail_kd/lm_eval_tasks and those in
-    `include_paths` (folders of task definitions)."""
+    `include_paths` (folders of task definitions); built once per process and set of folders
+    (indexing lm-eval's thousands of definitions takes seconds)."""
+    return _task_manager(tuple(str(path) for path in include_paths))
+
+
+@functools.cache
+def _task_manager(include_paths: tuple[str, ...]) -> Any:
     from lm_eval.tasks import TaskManager
 
     from tail_kd.lm_eval_tasks import TASKS_DIR

@@ -8,6 +8,7 @@
 - `chunk`, `kernels`: the named per-chunk structures and the elementwise passes over a chunk.
 - `vocab_parallel`: per-token reductions across vocabulary shards.
 - `logits`: what a model does to its lm_head's output (a scale, a soft cap), with its derivative.
+- `hidden`: the cosine loss aligning the student's hidden states with the teacher's.
 
 The equations are in docs/METHOD.md and, next to the code implementing them, in the docstrings.
 """
@@ -27,6 +28,7 @@ from .terms import (
     IGNORE_INDEX,
     LOSS_SCALARS,
     LOSS_TERMS,
+    STEP_SCALARS,
     DistillationLossOutput,
     LossInputs,
     LossTerms,
@@ -42,6 +44,7 @@ __all__ = [
     "IDENTITY",
     "LOSS_TERMS",
     "LOSS_SCALARS",
+    "STEP_SCALARS",
     "DIVERGENCES",
     "IGNORE_INDEX",
     "tad_divergence",

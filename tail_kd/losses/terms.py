@@ -26,6 +26,7 @@ __all__ = [
     "IGNORE_INDEX",
     "LOSS_TERMS",
     "LOSS_SCALARS",
+    "STEP_SCALARS",
     "LossInputs",
     "LossTerms",
     "DistillationLossOutput",
@@ -80,8 +81,11 @@ class LossTerms:
 
 # The field names, in the order `stack` uses.
 LOSS_TERMS = tuple(f.name for f in dataclasses.fields(LossTerms))
-# The scalars a loss output reports (`DistillationLossOutput.scalars`): what training logs.
+# The scalars a loss output reports (`DistillationLossOutput.scalars`).
 LOSS_SCALARS = ("loss", *LOSS_TERMS, "student_topk_mass")
+# What a training forward reports (tail_kd.distiller.StudentWithLoss) and training logs: those,
+# and the mean cosine of the hidden-state alignment (tail_kd/losses/hidden.py; NaN when off).
+STEP_SCALARS = (*LOSS_SCALARS, "hidden_cosine")
 
 
 @dataclass
