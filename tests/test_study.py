@@ -22,7 +22,7 @@ from tail_kd.monitor import TEACHER_SCALARS, read_scalars
 
 def study(work: Path, out: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "tools/study.py", "--setup", "own-teacher", "--scale", "quick",
-               "--work", str(work), "--out", str(out)]  # fmt: skip
+               "--work", str(work), "--out", str(out), "--jobs", "2"]  # fmt: skip
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
@@ -46,6 +46,18 @@ def test_the_quick_study_trains_a_teacher_then_compares_methods(quick):
     assert "Each TAD setting against vanilla KD, seed by seed" in readme
     for figure in ("eval_curves.png", "loss_curves.png", "reliability.png"):
         assert (root / "out" / figure).stat().st_size > 0, figure
+
+
+def test_two_jobs_train_two_students_at_a_time(quick):
+    """--jobs 2: some two student runs overlapped in time (each run's span: its DONE file's
+    modification time minus the training seconds the study recorded)."""
+    spans = []
+    for timing in (quick["root"] / "work").glob("*/train_time.json"):
+        end = (timing.parent / "DONE").stat().st_mtime
+        spans.append((end - json.loads(timing.read_text())["seconds"], end))
+    assert len(spans) == 3
+    spans.sort()
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
 
 
 def test_the_teacher_was_pretrained_without_a_teacher(quick):

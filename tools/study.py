@@ -1,6 +1,6 @@
 """A rerunnable reproduction study: CE only, vanilla KD, reverse KL and TAD on the same budget.
 
-    python tools/study.py --setup own-teacher           # a teacher pretrained here; converges on CPU
+    python tools/study.py --setup own-teacher --jobs 2  # a teacher pretrained here; converges on CPU
     python tools/study.py --setup own-teacher --scale quick   # its smoke test (a few minutes)
     python tools/study.py                               # SmolLM2-135M teacher, tiny budget
     python tools/study.py --scale gpu                   # SmolLM2 on one GPU (or --nproc N GPUs)
@@ -42,7 +42,8 @@ Outputs, in `--out` (default docs/results/<setup>/): `results.json` (everything,
 (commands, machine, settings, table, comparisons, figures). The generated maths problems are never
 written there (their templates are CC-BY-NC-ND): per-problem details stay in the work directory.
 
-Resumable: runs live in `--work` (default runs/study-<setup>, or runs/study-<setup>-<scale> for
+Training runs one at a time, or `--jobs N` at a time (each with 1/N of the cores); then every
+trained student is evaluated, one at a time. Resumable: runs live in `--work` (default runs/study-<setup>, or runs/study-<setup>-<scale> for
 another scale than the first); a finished run (`tail-kd status`) is not trained again, a partial
 one is resumed from its checkpoint, and a run with `eval.json` is not evaluated again. Delete a
 run's folder to redo it.
@@ -60,6 +61,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -254,7 +256,26 @@ def train_overrides(method: Method, run_name: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def train(run_dir: Path, command: list[str], log) -> float | None:
+def train_all(runs: list[tuple[Path, list[str]]], jobs: int, log) -> None:
+    """`train` each (run directory, command), `jobs` at a time, each with its share of the cores
+    (OMP_NUM_THREADS, unless set): on 2 cores, 2 one-thread runs of the own-teacher study's small
+    models get through more steps per second than one two-thread run. Their times are then not
+    comparable with one-at-a-time runs."""
+    env = dict(os.environ)
+    if jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+
+    def one(run_dir: Path, command: list[str]) -> None:
+        seconds = train(run_dir, command, log, env)
+        if seconds is not None:
+            _write_json(run_dir / "train_time.json", {"seconds": round(seconds, 1)})
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(one, run_dir, command) for run_dir, command in runs]:
+            future.result()  # the first failure, once the runs already started have ended
+
+
+def train(run_dir: Path, command: list[str], log, env: dict[str, str]) -> float | None:
     """Train unless the run is finished (resuming a partial one); return the seconds it took."""
     if run_status(run_dir).state == "finished":
         return None
@@ -262,7 +283,9 @@ def train(run_dir: Path, command: list[str], log) -> float | None:
     log(f"train {run_dir.name}: {shlex.join(command)}")
     start = time.perf_counter()
     with open(run_dir / "train.log", "a") as out:
-        status = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
+        status = subprocess.run(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        ).returncode
     seconds = time.perf_counter() - start
     # The run's own DONE decides: a rank can rarely abort at interpreter exit after finishing.
     if run_status(run_dir).state != "finished":
@@ -800,7 +823,7 @@ def write_readme(
         f"- methods: {', '.join(results['methods'])}; TAD normalised by the sequence mean of the "
         "teacher tail mass (paper Eq. 3) unless the name ends in -raw; every objective includes "
         "CE with weight 1",
-        f"- evaluation: {setup['evaluation']} ({results['positions']} scored positions)",
+        f"- evaluation: {setup['evaluation']} ({int(results['positions']):,} scored positions)",
         "- metric definitions: `tail_kd/eval/metrics.py` (ECE: Guo et al. 2017, 15 equal-width "
         "bins; Full-ECE: Liu et al. 2024, arXiv:2406.11345, normalised by the number of "
         "positions) and `tail_kd/eval/maths.py`",
@@ -840,6 +863,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", metavar="NAME", help="subset of the methods")
     parser.add_argument("--seeds", nargs="+", type=int, help="override the scale's seeds")
     parser.add_argument("--nproc", type=int, help="override the scale's number of ranks")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="train this many runs at a time (default 1)"
+    )
     parser.add_argument("--gsm", type=int, help="override the students' maths problems (0: none)")
     parser.add_argument("--work", type=Path, help="run directories (default runs/study-<setup>)")
     parser.add_argument("--out", type=Path, help="the report (default docs/results/<setup>)")
@@ -928,40 +954,41 @@ def main(argv: list[str] | None = None) -> int:
     evaluator = None
     runs: dict[str, dict[int, dict]] = {}
     curves: dict[str, dict[int, dict]] = {}
+    planned = []  # (seed, method, run directory, training command)
     for seed in scale.seeds:
         for method in methods:
             run_name = f"{method.name}-s{seed}"
-            run_dir = work / run_name
             command = [
                 sys.executable, "-m", "tail_kd.cli", "train", str(recipe_path), "--nproc",
-                str(scale.nproc), "--output-dir", str(run_dir), "--resume",
+                str(scale.nproc), "--output-dir", str(work / run_name), "--resume",
             ]  # fmt: skip
             sets = (
                 prepared + recipe_overrides(scale, work, seed) + train_overrides(method, run_name)
             )
             for value in sets:
                 command += ["--set", value]
-            if not args.report_only:
-                seconds = train(run_dir, command, log)
-                if seconds is not None:
-                    _write_json(run_dir / "train_time.json", {"seconds": round(seconds, 1)})
-            if not (run_dir / "eval.json").is_file():
-                if args.report_only:
-                    continue
-                evaluator = evaluator or make_evaluator(
-                    recipe_path, eval_overrides, scale, device, held_out
-                )
-            student = functools.partial(load_model, str(run_dir), device=device)
-            result = evaluate(run_dir / "eval.json", student, evaluator, scale.gsm_students, log)
-            timing = run_dir / "train_time.json"
-            result["train_seconds"] = (
-                json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+            planned.append((seed, method, work / run_name, command))
+    if not args.report_only:
+        train_all([(run_dir, command) for *_, run_dir, command in planned], args.jobs, log)
+    for seed, method, run_dir, _ in planned:
+        run_name = run_dir.name
+        if not (run_dir / "eval.json").is_file():
+            if args.report_only:
+                continue
+            evaluator = evaluator or make_evaluator(
+                recipe_path, eval_overrides, scale, device, held_out
             )
-            runs.setdefault(method.name, {})[seed] = result
-            curves.setdefault(method.name, {})[seed] = scalars(run_dir, run_name)
-            log(f"{run_name}: " + ", ".join(
-                f"{k} {v:.4g}" for k, v in result["metrics"].items() if isinstance(v, float)
-            ))  # fmt: skip
+        student = functools.partial(load_model, str(run_dir), device=device)
+        result = evaluate(run_dir / "eval.json", student, evaluator, scale.gsm_students, log)
+        timing = run_dir / "train_time.json"
+        result["train_seconds"] = (
+            json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+        )
+        runs.setdefault(method.name, {})[seed] = result
+        curves.setdefault(method.name, {})[seed] = scalars(run_dir, run_name)
+        log(f"{run_name}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in result["metrics"].items() if isinstance(v, float)
+        ))  # fmt: skip
     teacher = None
     if (work / "teacher-eval" / "eval.json").is_file() or not args.report_only:
         evaluator = evaluator or make_evaluator(
