@@ -153,6 +153,7 @@ def run(options: TrainOptions) -> int:
         from tail_kd.distributed import init_distributed, resolve_device
 
         resolve_device(recipe.device)  # a cuda recipe on a machine without GPU: say so first
+        _compile_cache_in(Path(recipe.cache_dir))  # before anything imports torch._inductor
         _fill_caches(recipe)
         ctx = init_distributed(recipe.device, topology)
     except UsageError as error:
@@ -188,6 +189,15 @@ def _fill_caches(recipe: Recipe) -> None:
     from tail_kd.prepare import prepare
 
     prepare(recipe, check=False)
+
+
+def _compile_cache_in(cache_dir: Path) -> None:
+    """torch.compile's caches (Inductor's compiled graphs, and Triton's kernels inside them) in
+    <cache_dir>/torch_compile unless TORCHINDUCTOR_CACHE_DIR says otherwise: on the shared cache
+    filesystem, not in the node-local /tmp that a requeued job on another node would not find
+    (it would compile every chunk again). Inductor writes its entries atomically, so the ranks and
+    jobs of a recipe share them."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "torch_compile"))
 
 
 def _requeued(options: TrainOptions, rank: int) -> TrainOptions:

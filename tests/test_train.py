@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from helpers import EXIT_ABORT, RECIPE, REPO, Run
-from tail_kd.checkpoint import DEEPSPEED_TAG
+from tail_kd.checkpoint import DEEPSPEED_TAG, written_by
 from tail_kd.cli import CPU_MALLOC
 from tail_kd.config import load_recipe
 from tail_kd.exit_status import EXIT_PREEMPTED, EXIT_USAGE
@@ -64,6 +64,7 @@ def launch(
     for override in [f"cache_dir={cache}", *sets]:
         command += ["--set", override]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", **CPU_MALLOC}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # set by torch in this process; a job starts without
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     return Run(run_dir, proc)
 
@@ -168,6 +169,20 @@ def test_fused_step_updates_parameters_like_the_dense_reference(workdir, one_ste
         scale = dense.abs().max().item()
         assert scale > 1e-5, f"{name} was not updated"
         torch.testing.assert_close(fused, dense, rtol=0, atol=1e-4 * scale, msg=name)
+
+
+def test_each_rank_flushes_the_checkpoint_files_it_wrote(full):
+    """`written_by` splits a real 2-rank checkpoint between the ranks: each rank's ZeRO shards and
+    rank state are its own, the files naming no rank are rank 0's, every file has one owner."""
+    checkpoint = find_checkpoint(full.dir, step=STEPS).path
+    every = {path for path in checkpoint.rglob("*") if path.is_file()}
+    mine = {rank: set(written_by(checkpoint, rank)) for rank in (0, 1)}
+    assert mine[0] | mine[1] == every and not mine[0] & mine[1]
+    assert sorted(path.name for path in mine[1]) == [
+        "rank-00001.json",
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
 
 
 def test_export_loads_generates_and_reproduces_the_logged_eval(full, tmp_path):
@@ -282,9 +297,12 @@ def test_vocab_parallel_heads_train_the_same_student(workdir, full, tmp_path):
 
 def test_compiled_vocab_parallel_loss_trains_the_same_student(workdir, full, tmp_path):
     """What GPUs run by default (`loss.kernels: auto` compiles each chunk), with the chunk's
-    graph split at the vocab-parallel collectives: the same run as the eager, P = 1 one."""
+    graph split at the vocab-parallel collectives: the same run as the eager, P = 1 one. Its
+    compiled code is kept in the recipe's cache_dir."""
     sets = [*COMMON, "parallel.vocab_parallel_size=2", "loss.kernels=compiled"]
     assert_same_run(full, launch(workdir / "compiled", workdir / "cache", sets), STEPS, tmp_path)
+    # the compiled graphs are cached with the recipe's caches, where a requeued job finds them
+    assert any((workdir / "cache" / "torch_compile").rglob("*.py"))
 
 
 @pytest.fixture(scope="module")
