@@ -126,7 +126,7 @@ def main(argv=None):
     def teacher_forward(batch):
         """What a plain teacher forward computes: hidden states, then logits for every token."""
         with torch.no_grad():
-            hidden = distiller.teacher(
+            hidden, *_ = distiller.teacher(
                 batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device)
             )
             head = lm_head(distiller.teacher.module.model)
