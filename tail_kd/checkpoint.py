@@ -145,7 +145,7 @@ class CheckpointManager:
                 _write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})
             _write_json(tmp / RANK_STATE_DIR / f"rank-{self.ctx.rank:05d}.json", rank_state)
             for path in written_by(tmp, self.ctx.rank):
-                _fsync_file(path)
+                _fsync(path)
         except OSError as error:
             failure = error
         self._agree_or_raise(failure, tmp)
@@ -155,9 +155,9 @@ class CheckpointManager:
                 # A folder of this step without COMPLETE is an interrupted attempt's: replace it.
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
-                _fsync_dir(self.root)
+                _fsync(self.root)
                 _write_json(final / COMPLETE_MARKER, {"step": step})
-                _fsync_dir(final)
+                _fsync(final)
             except OSError as error:
                 failure = error
                 shutil.rmtree(final, ignore_errors=True)  # never leave a half-marked folder
@@ -285,14 +285,6 @@ def written_by(root: Path, rank: int) -> list[Path]:
     return owned
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _size(root: Path) -> int:
     """Bytes in the files under `root`."""
     return sum(
@@ -302,7 +294,8 @@ def _size(root: Path) -> int:
     )
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (a rename, a new file), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
