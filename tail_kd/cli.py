@@ -1,4 +1,5 @@
-"""The `tail-kd` command: `train`, `status`, `export`, `eval`, `prepare-data` and `plan`.
+"""The `tail-kd` command: `train`, `status`, `export`, `eval`, `prepare-data`, `plan`, `sweep` and
+`report`.
 
     tail-kd train RECIPE.yaml [--nproc N] [train options]    (see `python -m tail_kd.train -h`)
     tail-kd status RUN_DIR [--json | --shell]
@@ -6,6 +7,9 @@
     tail-kd eval MODEL_OR_RUN [--data RECIPE_OR_FILE] [--teacher PATH] [--gsm N] [--out FILE]
     tail-kd prepare-data RECIPE.yaml [--set KEY=VALUE ...]
     tail-kd plan RECIPE.yaml [--gpus N] [--gpu-memory GB] [--teacher-config PATH] [--set ...]
+    tail-kd sweep RECIPE.yaml --grid KEY=V1,V2 ... [--baselines] [--seeds S ...] --out DIR
+                  [--nproc N | --slurm]                      (see tail_kd/sweep.py)
+    tail-kd report RUN_OR_SWEEP_DIR... [--out DIR]
 
 `train` runs in this process for one rank. With `--nproc N` it validates the recipe, then starts N
 local ranks through the DeepSpeed launcher (`deepspeed --num_gpus N --module tail_kd.train ...`,
@@ -66,6 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tail_kd.memory_plan import main as plan_main
 
         return plan_main(rest)
+    if command == "sweep":
+        from tail_kd.sweep import main as sweep_main
+
+        return sweep_main(rest)
+    if command == "report":
+        from tail_kd.report import main as report_main
+
+        return report_main(rest)
     print(f"tail-kd: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -42,6 +42,7 @@ __all__ = [
     "is_run_dir",
     "read_done",
     "write_done",
+    "write_json",
     "check_output_dir",
     "clear_output_dir",
     "run_status",
@@ -128,10 +129,22 @@ def read_done(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 def write_done(run_dir: str | os.PathLike, step: int) -> None:
     """Mark the run finished at `step` (flushed to disk)."""
-    with open(Path(run_dir) / DONE_MARKER, "w") as f:
-        json.dump({"step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
+    write_json(
+        Path(run_dir) / DONE_MARKER, {"step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    )
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as JSON to `path` whole or not at all: into a temporary file beside it,
+    flushed to disk, then renamed over it (a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,11 @@ together with `sbatch --wait` (one module fixture; they share the tiny model and
                                                                               finished, one curve
     cancelled   the same, `scancel` after its first checkpoint              -> not requeued
 
+Then a sweep (`tail-kd sweep --slurm`, slurm/sweep.sbatch): a 2 x 2 grid of loss.k x loss.beta as
+a job array of four one-rank tasks, the first preempted (SIGUSR1) after its first checkpoint ->
+every point finished in its own run directory, the preempted one requeued and resumed,
+`tail-kd report` on the sweep, and a resubmission that has nothing left to do.
+
 A run counts as finished by its own DONE marker as well as by the job's exit code (a rank rarely
 aborts at interpreter exit after a complete run: tests/helpers.py, EXIT_ABORT).
 """
@@ -23,6 +28,7 @@ aborts at interpreter exit after a complete run: tests/helpers.py, EXIT_ABORT).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -342,6 +348,107 @@ def test_cancelled_job_is_not_requeued(jobs):
     assert "SIGTERM: the job is being cancelled" in job.log, job.log
     assert "requeued job" not in job.log and job.done() is None, job.log
     assert job.restarts_seen == 0, job.log
+
+
+# ---------------------------------------------------------------------------------------------
+# A sweep as a job array
+# ---------------------------------------------------------------------------------------------
+
+SWEEP_STEPS = 30
+SWEEP_GRID = ["loss.k=1,5", "loss.beta=1,2"]
+
+
+def sweep_command(slurm_env: dict[str, str], out: Path, cache: Path) -> subprocess.CompletedProcess:
+    """`tail-kd sweep RECIPE --grid ... --slurm` in CPU mode, one CPU per task."""
+    sets = [f"train.steps={SWEEP_STEPS}", "checkpoint.every=5", "eval.every=10",
+            f"cache_dir={cache}"]  # fmt: skip
+    command = [
+        sys.executable, "-m", "tail_kd.cli", "sweep", RECIPE, "--grid", *SWEEP_GRID,
+        *as_sets(sets), "--out", str(out), "--slurm",
+        "--sbatch", " ".join([*CPU_SINGLE, "--job-name=tail-kd-test-sweep"]),
+    ]  # fmt: skip
+    env = {**slurm_env, "TAIL_KD_DEVICE": "cpu", "TAIL_KD_VENV": venv_setting()}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def sweep_array(slurm_env, tmp_path_factory) -> dict:
+    """The sweep, run to the end: task 0 gets SIGUSR1 after its first checkpoint; when it is
+    requeued it is started soon (`RELEASE`)."""
+    from tail_kd.sweep import Sweep
+
+    workdir = tmp_path_factory.mktemp("slurm-sweep")
+    out = workdir / "sweep"
+    started = time.monotonic()
+    deadline = started + JOB_TIMEOUT
+    submitted = sweep_command(slurm_env, out, workdir / "cache")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    array = re.search(r"submitted job array (\d+)", submitted.stdout).group(1)
+    sweep = Sweep.load(out)
+    first = sweep.run_dir(sweep.points[0])
+
+    def log(index: int) -> str:
+        logs = list((out / "logs").glob(f"*-{array}_{index}.out"))
+        return logs[0].read_text(errors="replace") if logs else "(no log yet)"
+
+    try:
+        while not list(first.glob("checkpoints/step-*/COMPLETE")):
+            assert time.monotonic() < deadline, f"no checkpoint from task 0\n{log(0)}"
+            time.sleep(0.2)
+        slurm(slurm_env, "scancel", "--signal=USR1", "--batch", f"{array}_0")
+        restarts, released = 0, False
+        while slurm(slurm_env, "squeue", "-h", "-j", array, "-o", "%i").strip():
+            assert time.monotonic() < deadline, "the sweep did not finish\n" + log(0)
+            fields = job_fields(slurm_env, f"{array}_0")
+            restarts = max(restarts, int(fields.get("Restarts", 0)))
+            if fields.get("JobState") == "PENDING" and restarts >= 1 and not released:
+                slurm(slurm_env, "scontrol", "update", f"JobId={array}_0", RELEASE)
+                released = True
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["scancel", array], check=False, env=slurm_env)
+    print(f"slurm sweep: {time.monotonic() - started:.0f} s")
+    return {"out": out, "sweep": sweep, "logs": [log(i) for i in range(4)], "restarts": restarts,
+            "workdir": workdir}  # fmt: skip
+
+
+def test_sweep_array_trains_every_point_in_its_own_run_dir(sweep_array):
+    sweep, logs = sweep_array["sweep"], sweep_array["logs"]
+    assert [p.name for p in sweep.points] == ["k1-beta1-s0", "k1-beta2-s0", "k5-beta1-s0",
+                                              "k5-beta2-s0"]  # fmt: skip
+    for index, point in enumerate(sweep.points):
+        run = sweep.run_dir(point)
+        assert (read_done(run) or {}).get("step") == SWEEP_STEPS, logs[index]
+        loss = complete_checkpoints(run)[-1].trainer_state["recipe"]["loss"]
+        k, beta = point.sets[0], point.sets[1]
+        assert f"loss.k={loss['k']}" == k and f"loss.beta={loss['beta']:g}" == beta
+        steps = [s for s, _ in read_scalars(run / "tensorboard" / point.name)["train/loss"]]
+        assert steps == list(range(1, SWEEP_STEPS + 1)), logs[index]
+        assert f"point {index}" in logs[index] and "finished at step 30" in logs[index]
+
+
+def test_a_preempted_sweep_task_is_requeued_and_resumes_its_point(sweep_array):
+    log, run = sweep_array["logs"][0], sweep_array["sweep"].run_dir(sweep_array["sweep"].points[0])
+    stopped = int(re.search(r"stopped by a signal after step (\d+)", log).group(1))
+    assert 5 <= stopped < SWEEP_STEPS, log
+    assert sweep_array["restarts"] >= 1, log
+    assert f"resumed from {run}/checkpoints/step-{stopped:07d} (step {stopped})" in log, log
+    assert log.count("finished at step") == 1, log
+
+
+def test_the_report_and_a_resubmission_of_a_finished_sweep(sweep_array, slurm_env):
+    out = sweep_array["out"]
+    report = subprocess.run(
+        [sys.executable, "-m", "tail_kd.cli", "report", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stdout + report.stderr
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert list(results["groups"]) == ["tad-k1-b1", "tad-k1-b2", "tad-k5-b1", "tad-k5-b2"]
+    assert (out / "report" / "metric_vs_k_beta.png").stat().st_size > 0
+    again = sweep_command(slurm_env, out, sweep_array["workdir"] / "cache")
+    assert again.returncode == 0 and "every point has finished" in again.stdout, again.stdout
+    assert "submitted" not in again.stdout
 
 
 # ---------------------------------------------------------------------------------------------

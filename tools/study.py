@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import platform
 import shlex
@@ -62,7 +61,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,21 +69,22 @@ import torch
 
 from tail_kd.config import Recipe, add_override_argument, load_recipe
 from tail_kd.eval.evaluate import load_model
-from tail_kd.run_dir import run_status
+from tail_kd.report import (
+    Group,
+    comparisons,
+    markdown_table,
+    method_colors,
+    paired_comparisons,
+    paired_table,
+    plot_curves,
+    plot_eval_curves,
+    plot_k_beta,
+    save_figure,
+    summarise,
+)
+from tail_kd.run_dir import run_status, write_json
 
 REPO = Path(__file__).resolve().parent.parent
-METRICS = (
-    "ce",
-    "perplexity",
-    "kl_to_teacher",
-    "top1_accuracy",
-    "top1_agreement",
-    "ece",
-    "full_ece",
-    "gsm_accuracy",
-    "gsm_strict_accuracy",
-)
-LOWER_IS_BETTER = {"ce", "perplexity", "kl_to_teacher", "ece", "full_ece"}
 KEEP_MARKER = "<!-- Everything below this line is kept when tools/study.py rewrites this file. -->"
 
 
@@ -213,32 +213,18 @@ SETUPS = {
 }
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    label: str
-    loss: dict[str, Any] = field(default_factory=dict)  # recipe `loss.*` overrides
-
-    @property
-    def tad(self) -> tuple[int, float] | None:
-        """(K, beta) for the normalised TAD methods (the K x beta grid)."""
-        if self.loss["divergence"] != "tad" or not self.loss["normalize"]:
-            return None
-        return self.loss["k"], self.loss["beta"]
-
-
-def all_methods() -> list[Method]:
+def all_methods() -> list[Group]:
     methods = [
-        Method("ce", "CE only", {"divergence": "none"}),
-        Method("kd", "vanilla KD (forward KL)", {"divergence": "forward_kl"}),
-        Method("rkl", "reverse KL", {"divergence": "reverse_kl"}),
+        Group("ce", "CE only", {"divergence": "none"}),
+        Group("kd", "vanilla KD (forward KL)", {"divergence": "forward_kl"}),
+        Group("rkl", "reverse KL", {"divergence": "reverse_kl"}),
     ]
     for k in (1, 5, 10):
         for beta in (1.0, 2.0):
             loss = {"divergence": "tad", "k": k, "beta": beta, "normalize": True}
-            methods.append(Method(f"tad-k{k}-b{beta:g}", f"TAD K={k} beta={beta:g}", loss))
+            methods.append(Group(f"tad-k{k}-b{beta:g}", f"TAD K={k} beta={beta:g}", loss))
     raw = {"divergence": "tad", "k": 10, "beta": 2.0, "normalize": False}
-    methods.append(Method("tad-k10-b2-raw", "TAD K=10 beta=2, not normalised", raw))
+    methods.append(Group("tad-k10-b2-raw", "TAD K=10 beta=2, not normalised", raw))
     return methods
 
 
@@ -247,7 +233,7 @@ def recipe_overrides(scale: Scale, work: Path, seed: int) -> list[str]:
     return [*scale.overrides, f"cache_dir={json.dumps(str(work / '.cache'))}", f"seed={seed}"]
 
 
-def train_overrides(method: Method, run_name: str) -> list[str]:
+def train_overrides(method: Group, run_name: str) -> list[str]:
     sets = [f"run_name={run_name}", "log.every=1", "checkpoint.keep=1"]
     return sets + [f"loss.{key}={json.dumps(value)}" for key, value in method.loss.items()]
 
@@ -269,7 +255,7 @@ def train_all(runs: list[tuple[Path, list[str]]], jobs: int, log) -> None:
     def one(run_dir: Path, command: list[str]) -> None:
         seconds = train(run_dir, command, log, env)
         if seconds is not None:
-            _write_json(run_dir / "train_time.json", {"seconds": round(seconds, 1)})
+            write_json(run_dir / "train_time.json", {"seconds": round(seconds, 1)})
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for future in [pool.submit(one, run_dir, command) for run_dir, command in runs]:
@@ -330,14 +316,8 @@ def evaluate(path: Path, model, evaluator, gsm: int, log) -> dict[str, Any]:
     log(f"evaluate {model.source}" + (f" (step {model.step})" if model.step else ""))
     report = evaluator.evaluate(model, gsm=gsm)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, report)
+    write_json(path, report)
     return report
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def _public(report: dict[str, Any]) -> dict[str, Any]:
@@ -360,280 +340,9 @@ def scalars(run_dir: Path, run_name: str) -> dict[str, list[tuple[int, float]]]:
     return read_scalars(run_dir / "tensorboard" / run_name)
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for one value); NaNs are dropped."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return math.nan, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def summarise(methods: list[Method], runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
-    summary = {}
-    for method in methods:
-        per_seed = runs.get(method.name, {})
-        if not per_seed:
-            continue
-        entry = {"label": method.label, "loss": method.loss, "seeds": sorted(per_seed)}
-        for name in METRICS:
-            mean, std = mean_std([r["metrics"].get(name, math.nan) for r in per_seed.values()])
-            entry[name] = {"mean": mean, "std": std}
-        entry["train_seconds"] = mean_std([r.get("train_seconds") for r in per_seed.values()])[0]
-        summary[method.name] = entry
-    return summary
-
-
-def _cell(stat: dict, digits: int, scale: float = 1.0) -> str:
-    mean, std = stat["mean"], stat["std"]
-    if mean is None or not math.isfinite(mean):
-        return "n/a"
-    return _number(mean * scale, digits) + (
-        f" ± {_number(std * scale, digits)}" if std is not None else ""
-    )
-
-
-def _number(value: float, digits: int) -> str:
-    """`digits` decimals, or two significant digits for a value too small to show with them."""
-    return f"{value:.{digits}f}" if value == 0 or abs(value) >= 10**-digits else f"{value:.2g}"
-
-
-# The table's columns: (metric, header, decimals, factor).
-COLUMNS = (
-    ("ce", "CE (nats)", 3, 1),
-    ("perplexity", "perplexity", 1, 1),
-    ("kl_to_teacher", "KL to teacher", 3, 1),
-    ("top1_accuracy", "top-1 acc (%)", 1, 100),
-    ("top1_agreement", "top-1 agree (%)", 1, 100),
-    ("ece", "ECE (%)", 2, 100),
-    ("full_ece", "Full-ECE (%)", 2, 100),
-    ("gsm_accuracy", "maths acc (%)", 1, 100),
-    ("gsm_strict_accuracy", "maths, #### only (%)", 1, 100),
-)
-# What the paired comparison with vanilla KD covers: (metric, words, factor, unit).
-COMPARED = (
-    ("ce", "held-out CE", 1, "nats"),
-    ("kl_to_teacher", "KL to the teacher", 1, "nats"),
-    ("top1_accuracy", "top-1 accuracy", 100, "points"),
-    ("ece", "top-1 ECE", 100, "points"),
-    ("full_ece", "Full-ECE", 100, "points"),
-)
-
-
-def markdown_table(summary: dict[str, dict], teacher: dict[str, Any] | None) -> str:
-    """Mean +- standard deviation per method and metric (metrics nobody has are left out), the
-    best student in bold, the teacher as a reference row."""
-    columns = [c for c in COLUMNS if any(math.isfinite(e[c[0]]["mean"]) for e in summary.values())]
-    header = (
-        "| method | seeds | " + " | ".join(c[1] for c in columns) + " |\n"
-        + "|---" * (len(columns) + 2) + "|\n"
-    )  # fmt: skip
-    best = _best(summary)
-    rows = []
-    for name, entry in summary.items():
-        cells = [
-            f"**{cell}**" if best.get(metric) == name else cell
-            for metric, cell in (
-                (metric, _cell(entry[metric], digits, factor))
-                for metric, _, digits, factor in columns
-            )
-        ]
-        rows.append(f"| {entry['label']} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
-    if teacher is not None:
-        m = {**teacher["metrics"], "kl_to_teacher": 0.0, "top1_agreement": 1.0}
-        cells = [
-            _number(m[metric] * factor, digits) if metric in m else "n/a"
-            for metric, _, digits, factor in columns
-        ]
-        rows.append("| *teacher (reference)* | - | " + " | ".join(cells) + " |")
-    return header + "\n".join(rows) + "\n"
-
-
-def _best(summary: dict[str, dict]) -> dict[str, str]:
-    """The best method per metric (by mean), for bold cells."""
-    best = {}
-    for metric in METRICS:
-        scored = [
-            (entry[metric]["mean"], name)
-            for name, entry in summary.items()
-            if math.isfinite(entry[metric]["mean"])
-        ]
-        if metric == "gsm_accuracy":
-            scored = [s for s in scored if s[0] > 0]
-        if scored:
-            pick = min if metric in LOWER_IS_BETTER else max
-            value, name = pick(scored)
-            if sum(v == value for v, _ in scored) == 1:  # no bold for a tie
-                best[metric] = name
-    return best
-
-
-def paired_comparisons(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
-    """Each TAD method against vanilla KD, seed by seed (the seeds both have): per metric, on
-    how many seeds TAD is better, and the mean and sample standard deviation of TAD minus KD."""
-    kd = runs.get("kd", {})
-    paired = {}
-    for name, per_seed in runs.items():
-        seeds = sorted(set(per_seed) & set(kd))
-        if not name.startswith("tad") or not seeds:
-            continue
-        entry: dict[str, Any] = {"seeds": seeds}
-        for metric, *_ in COMPARED:
-            diffs = [per_seed[s]["metrics"][metric] - kd[s]["metrics"][metric] for s in seeds]
-            mean, std = mean_std(diffs)
-            wins = sum(d < 0 if metric in LOWER_IS_BETTER else d > 0 for d in diffs)
-            entry[metric] = {"wins": wins, "mean_diff": mean, "std_diff": std, "diffs": diffs}
-        paired[name] = entry
-    return paired
-
-
-def paired_table(paired: dict[str, dict], labels: dict[str, str]) -> str:
-    """`paired_comparisons` as a table: wins / seeds, then TAD minus KD (mean +- std)."""
-    header = (
-        "| TAD setting | " + " | ".join(f"{words} ({unit})" for _, words, _, unit in COMPARED)
-        + " |\n" + "|---" * (len(COMPARED) + 1) + "|\n"
-    )  # fmt: skip
-    rows = []
-    for name, entry in paired.items():
-        cells = []
-        for metric, _, factor, _ in COMPARED:
-            stat = entry[metric]
-            spread = f" ± {stat['std_diff'] * factor:.3f}" if stat["std_diff"] is not None else ""
-            cells.append(
-                f"{stat['wins']}/{len(entry['seeds'])} better, "
-                f"{stat['mean_diff'] * factor:+.3f}{spread}"
-            )
-        rows.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
-    return header + "\n".join(rows) + "\n"
-
-
-def comparisons(paired: dict[str, dict]) -> list[str]:
-    """One plain statement per metric, computed from `paired_comparisons`."""
-    lines = []
-    for metric, words, _, _ in COMPARED:
-        every = [n for n, e in paired.items() if e[metric]["wins"] == len(e["seeds"])]
-        none = [n for n, e in paired.items() if e[metric]["wins"] == 0]
-        seeds = {len(e["seeds"]) for e in paired.values()}
-        lines.append(
-            f"- {words}: better than vanilla KD on every seed: "
-            f"{', '.join(every) or 'no TAD setting'}; on no seed: {', '.join(none) or 'none'} "
-            f"({len(paired)} TAD settings, {'/'.join(map(str, sorted(seeds)))} seeds each)."
-        )
-    return lines
-
-
 # ---------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------
-
-
-def _colors(methods: list[Method]) -> dict[str, Any]:
-    import matplotlib
-
-    base = {"ce": "black", "kd": "tab:blue", "rkl": "tab:orange", "tad-k10-b2-raw": "tab:brown"}
-    tads = [m.name for m in methods if m.tad]
-    cmap = matplotlib.colormaps["viridis"]
-    for i, name in enumerate(tads):
-        base[name] = cmap(0.15 + 0.8 * i / max(len(tads) - 1, 1))
-    return base
-
-
-def plot_curves(methods, curves, out: Path) -> list[str]:
-    """Loss curves (train CE and KL to the teacher per step) and tail masses over training."""
-    import matplotlib.pyplot as plt
-
-    colors, written = _colors(methods), []
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for method in methods:
-        tags = curves.get(method.name)
-        if not tags:
-            continue
-        style = dict(color=colors[method.name], label=method.label, lw=1.5)
-        for ax, tag in zip(axes, ("train/loss", "train/ce", "train/kl_to_teacher"), strict=True):
-            if tag in tags:
-                steps, values = zip(*tags[tag], strict=True)
-                ax.plot(steps, values, **style)
-    for ax, title in zip(
-        axes, ("training loss (objective; not comparable across methods)", "train CE",
-               "KL(teacher || student) on training batches"), strict=True
-    ):  # fmt: skip
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Loss curves (first seed of each method)")
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=110)
-    plt.close(fig)
-    written.append("loss_curves.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method in methods:
-        tags = curves.get(method.name)
-        if not tags:
-            continue
-        k = method.loss.get("k", 10)
-        style = dict(color=colors[method.name], lw=1.5)
-        panel = axes[1] if method.tad and k != 10 else axes[0]
-        if "train/student_tail_mass" in tags:
-            steps, values = zip(*tags["train/student_tail_mass"], strict=True)
-            panel.plot(steps, values, label=f"{method.label}: student", **style)
-        if "train/teacher_tail_mass" in tags:
-            steps, values = zip(*tags["train/teacher_tail_mass"], strict=True)
-            panel.plot(steps, values, ls="--", label=f"{method.label}: teacher", **style)
-    axes[0].set_title("tail mass outside the teacher's top-10 (K = 10)", fontsize=10)
-    axes[1].set_title("TAD with K = 1 and K = 5 (tail outside the top-K)", fontsize=10)
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.set_ylabel("probability mass")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, ncol=2)
-    fig.suptitle("Teacher (dashed) and student (solid) tail mass on training batches")
-    fig.tight_layout()
-    fig.savefig(out / "tail_mass.png", dpi=110)
-    plt.close(fig)
-    written.append("tail_mass.png")
-    return written
-
-
-def plot_eval_curves(methods, curves: dict[str, dict[int, dict]], out: Path) -> str | None:
-    """Held-out CE and KL to the teacher during training (the trainer's `eval/*`), the mean over
-    seeds per method, to show whether the students have converged."""
-    import matplotlib.pyplot as plt
-
-    colors = _colors(methods)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    drawn = False
-    for method in methods:
-        per_seed = [tags for tags in curves.get(method.name, {}).values() if "eval/ce" in tags]
-        if not per_seed:
-            continue
-        for ax, tag in zip(axes, ("eval/ce", "eval/kl_to_teacher"), strict=True):
-            series = [dict(tags[tag]) for tags in per_seed if tag in tags]
-            steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
-            if steps:
-                means = [sum(s[step] for s in series) / len(series) for step in steps]
-                ax.plot(steps, means, "o-", ms=3, color=colors[method.name], label=method.label)
-                drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    for ax, title in zip(
-        axes, ("held-out CE (nats)", "held-out KL(teacher || student) (nats)"), strict=True
-    ):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("During training, on the trainer's held-out sequences (mean over seeds)")
-    fig.tight_layout()
-    fig.savefig(out / "eval_curves.png", dpi=110)
-    plt.close(fig)
-    return "eval_curves.png"
 
 
 def plot_reliability(methods, evals: dict[str, dict], teacher: dict | None, out: Path) -> str:
@@ -641,7 +350,7 @@ def plot_reliability(methods, evals: dict[str, dict], teacher: dict | None, out:
     (the paper's main setting) and the teacher."""
     import matplotlib.pyplot as plt
 
-    colors = _colors(methods)
+    colors = method_colors(methods)
     shown = [m for m in methods if m.name in ("ce", "kd", "rkl", "tad-k10-b2") and m.name in evals]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, kind, title in (
@@ -670,57 +379,7 @@ def plot_reliability(methods, evals: dict[str, dict], teacher: dict | None, out:
         ax.set_title(f"Reliability: {title}, 15 bins", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=110)
-    plt.close(fig)
-    return "reliability.png"
-
-
-def plot_k_beta(methods, summary, out: Path) -> str | None:
-    """Each metric against K for beta = 1 and 2, with the baselines as horizontal lines."""
-    import matplotlib.pyplot as plt
-
-    tads = [m for m in methods if m.tad and m.name in summary]
-    if not tads:
-        return None
-    panels = ("ce", "kl_to_teacher", "ece", "full_ece")
-    titles = ("held-out CE (nats)", "KL to teacher (nats)", "ECE", "Full-ECE")
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    baseline_style = {"ce": ("black", "CE only"), "kd": ("tab:blue", "vanilla KD"),
-                      "rkl": ("tab:orange", "reverse KL")}  # fmt: skip
-    for ax, metric, title in zip(axes, panels, titles, strict=True):
-        for beta, marker, color in ((1.0, "o", "tab:green"), (2.0, "s", "tab:purple")):
-            points = sorted((m.tad[0], summary[m.name][metric]) for m in tads if m.tad[1] == beta)
-            if not points:
-                continue
-            ks = [k for k, _ in points]
-            means = [s["mean"] for _, s in points]
-            errors = [s["std"] or 0.0 for _, s in points]
-            ax.errorbar(
-                ks,
-                means,
-                yerr=errors,
-                marker=marker,
-                capsize=3,
-                color=color,
-                label=f"TAD beta={beta:g}",
-            )
-        for name, (color, label) in baseline_style.items():
-            if name in summary:
-                ax.axhline(summary[name][metric]["mean"], color=color, ls="--", lw=1, label=label)
-        ax.set_xticks([1, 5, 10])
-        ax.set_xlabel("K (teacher top-K kept as separate categories)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(
-        "TAD against K and beta (normalised; bars: +-1 standard deviation over seeds), "
-        "baselines dashed; lower is better"
-    )
-    fig.tight_layout()
-    fig.savefig(out / "metric_vs_k_beta.png", dpi=110)
-    plt.close(fig)
-    return "metric_vs_k_beta.png"
+    return save_figure(fig, out, "reliability.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1011,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     figures.append(plot_reliability(methods, first_seed, teacher, out))
     k_beta = plot_k_beta(methods, summary, out)
     figures += [k_beta] if k_beta else []
-    paired = paired_comparisons(runs)
+    paired = paired_comparisons(runs, "kd", [m.name for m in methods if m.name.startswith("tad")])
     public_runs = {
         name: {seed: _public(result) for seed, result in per_seed.items()}
         for name, per_seed in runs.items()
@@ -1037,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(summary, teacher)
     labels = {m.name: m.label for m in methods}
     paired_md = paired_table(paired, labels) if paired else ""
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     (out / "results.md").write_text(table + ("\n" + paired_md if paired_md else ""))
     write_readme(out, results, (table, paired_md), figures)
     log(f"wrote {out}/README.md, results.json, results.md and {', '.join(figures)}")
