@@ -334,7 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["point"]:
         return point_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.sbatch or args.max_parallel) and not args.slurm:
+        parser.error("--sbatch and --max-parallel go with --slurm")
     if args.baselines == []:  # `--baselines` alone: all of them
         args.baselines = list(BASELINES)
     try:
