@@ -6,7 +6,7 @@
     tail-kd export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16]
     tail-kd eval MODEL_OR_RUN [--data RECIPE_OR_FILE] [--teacher PATH] [--gsm N] [--out FILE]
     tail-kd prepare-data RECIPE.yaml [--set KEY=VALUE ...]
-    tail-kd plan RECIPE.yaml [--gpus N] [--gpu-memory GB] [--teacher-config PATH] [--set ...]
+    tail-kd plan RECIPE.yaml [--gpus N] [--gpu-memory GB] [--gpu h100] [--tokens T] [--set ...]
     tail-kd sweep RECIPE.yaml --grid KEY=V1,V2 ... [--baselines] [--seeds S ...] --out DIR
                   [--nproc N | --slurm]                      (see tail_kd/sweep.py)
     tail-kd report RUN_OR_SWEEP_DIR... [--out DIR]

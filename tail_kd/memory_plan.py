@@ -1,4 +1,5 @@
 """`tail-kd plan`: a recipe's memory per GPU before anything runs, and the largest micro-batch that fits.
+(It also prints what a step costs in time and a token budget in GPU-hours: tail_kd/cost_model.py.)
 
 For N GPUs (G per node, N / G nodes), micro-batch b, sequence length T, student / teacher
 parameters P_s / P_t, lm_head rows V, widths H_s / H_t, and bytes per element d (the student's
@@ -47,6 +48,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -59,6 +61,7 @@ from tail_kd.config import (
     load_recipe,
     vocab_parallel_problem,
 )
+from tail_kd.cost_model import GPUS, Hardware, step_cost
 from tail_kd.deepspeed_config import model_dtype, offloaded, student_config
 from tail_kd.exit_status import EXIT_USAGE, UsageError
 
@@ -97,6 +100,16 @@ class ModelShape:
     intermediate: int
     heads: int
     vocab_rows: int  # lm_head rows, padding rows included
+    # For the time model (tail_kd/cost_model.py):
+    q_width: int = 0  # query projection width: heads x head_dim
+    linear_parameters: int = 0  # the decoder layers' matmul weights (all layers)
+    tied_lm_head: bool = False  # the lm_head is the input embedding
+    tensor_sizes: tuple[tuple[int, int], ...] = ()  # (elements, how many tensors of that size)
+
+    def persistent_parameters(self, threshold: int) -> int:
+        """Parameters in tensors of at most `threshold` elements: DeepSpeed's ZeRO-3 keeps those
+        whole on every rank (`stage3_param_persistence_threshold`) and never gathers them."""
+        return sum(size * count for size, count in self.tensor_sizes if size <= threshold)
 
 
 # A recipe without a teacher (CE only) plans with this one: it costs nothing.
@@ -112,6 +125,8 @@ def model_shape(config) -> ModelShape:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    layers = model.get_decoder().layers
+    sizes = Counter(p.numel() for p in model.parameters())
     return ModelShape(
         parameters=sum(p.numel() for p in model.parameters()),
         largest_layer=max(
@@ -123,6 +138,12 @@ def model_shape(config) -> ModelShape:
         intermediate=config.intermediate_size,
         heads=heads,
         vocab_rows=model.get_output_embeddings().weight.shape[0],
+        q_width=heads * head_dim,
+        linear_parameters=sum(
+            m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear)
+        ),
+        tied_lm_head=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+        tensor_sizes=tuple(sorted(sizes.items())),
     )
 
 
@@ -145,6 +166,9 @@ class Setup:
     loss_chunk: int
     compiled_loss: bool
     vocab_parallel_size: int  # P: each rank holds 1/P of the lm_head rows for the loss
+    # For the time model (tail_kd/cost_model.py):
+    persistence_threshold: int = 100_000  # ZeRO-3 keeps tensors of at most this many elements whole
+    gradient_bytes: int = 4  # bytes per gradient element reduce-scattered
 
 
 def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> Setup:
@@ -165,8 +189,11 @@ def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> S
         recipe, train=dataclasses.replace(train, micro_batch_size=micro_batch)
     )
     recipe.check_world_size(gpus)
-    offload = offloaded(student_config(recipe, gpus, device))
+    ds_config = student_config(recipe, gpus, device)
+    offload = offloaded(ds_config)
     kernels = recipe.loss.kernels
+    student_bytes = model_dtype(recipe.train.precision, device).itemsize
+    zero = ds_config["zero_optimization"]
     return Setup(
         device=device,
         gpus=gpus,
@@ -175,7 +202,7 @@ def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> S
         micro_batch_size=micro_batch,
         recipe_micro_batch_size=train.micro_batch_size,
         global_batch_size=recipe.train.global_batch_size,
-        student_bytes=model_dtype(recipe.train.precision, device).itemsize,
+        student_bytes=student_bytes,
         teacher_bytes=model_dtype(
             recipe.teacher.dtype if recipe.teacher else "auto", device
         ).itemsize,
@@ -185,6 +212,8 @@ def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> S
         loss_chunk=recipe.loss.chunk_size,
         compiled_loss=kernels == "compiled" or (kernels == "auto" and device == "cuda"),
         vocab_parallel_size=recipe.parallel.vocab_parallel_size,
+        persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
+        gradient_bytes=4 if ds_config.get("communication_data_type") == "fp32" else student_bytes,
     )
 
 
@@ -327,6 +356,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the student's config.json (or its folder), for student.init config or pretrained",
     )
+    time = parser.add_argument_group("time (tail_kd/cost_model.py)")
+    time.add_argument(
+        "--gpu",
+        default="h100",
+        metavar="NAME_OR_TFLOPS",
+        help=f"GPU model ({', '.join(GPUS)}) or its peak bf16 TFLOP/s (default h100)",
+    )
+    time.add_argument(
+        "--mfu", type=float, default=Hardware.mfu, help="assumed fraction of peak (default 0.4)"
+    )
+    for flag, default, where in (
+        ("--intra-node-bw", Hardware.intra_node_gbps, "within a node (default %g: NVLink)"),
+        ("--inter-node-bw", Hardware.inter_node_gbps, "between nodes (default %g: 200 Gb/s IB)"),
+    ):
+        time.add_argument(
+            flag,
+            type=float,
+            default=default,
+            metavar="GBPS",
+            help="GB/s per GPU " + where % default,
+        )
+    time.add_argument(
+        "--tokens",
+        type=float,
+        metavar="T",
+        help="training tokens to cost (default: the recipe's steps x global batch x seq_len)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     add_override_argument(parser)
     return parser
@@ -343,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     memory_gib = args.gpu_memory or _local_gpu_memory_gib() or 80.0
     try:
+        hardware = _hardware(args)
         recipe = load_recipe(args.recipe, args.overrides)
         setup = setup_of(recipe, device=args.device, gpus=args.gpus, gpus_per_node=gpus_per_node)
         teacher_config, student_config = plan_configs(
@@ -352,8 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     teacher = NO_TEACHER if teacher_config is None else model_shape(teacher_config)
-    plan = make_plan(model_shape(student_config), teacher, setup, memory_gib * GIB)
+    student = model_shape(student_config)
+    plan = make_plan(student, teacher, setup, memory_gib * GIB)
+    tokens = args.tokens or recipe.train.steps * setup.global_batch_size * setup.seq_len
+    plan["time"] = step_cost(student, teacher, setup, hardware, tokens, recipe.loss.k)
     print(format_plan(args.recipe, plan))
+    print(format_time(plan["time"], setup, args.gpu))
     if args.json:
         with open(args.json, "w") as file:
             json.dump(plan, file, indent=2)
@@ -550,6 +611,70 @@ def format_plan(recipe_path: str, plan: dict) -> str:
         lines.append(
             "This setup cannot fit, not even micro-batch 1 with everything offloaded: use more "
             "GPUs (--gpus), a shorter data.seq_len, a smaller loss.chunk_size or a smaller student."
+        )
+    return "\n".join(lines)
+
+
+def _hardware(args: argparse.Namespace) -> Hardware:
+    """The time model's machine from the command line (UsageError naming a bad flag)."""
+    name = args.gpu.lower()
+    try:
+        peak = GPUS[name] if name in GPUS else float(name)
+    except ValueError:
+        raise UsageError(
+            f"--gpu {args.gpu}: name one of {', '.join(GPUS)} or give its peak bf16 TFLOP/s"
+        ) from None
+    if not 0 < args.mfu <= 1:
+        raise UsageError(f"--mfu {args.mfu}: a fraction of the peak, in (0, 1]")
+    if min(peak, args.intra_node_bw, args.inter_node_bw) <= 0:
+        raise UsageError("--gpu, --intra-node-bw and --inter-node-bw must be positive")
+    return Hardware(peak, args.mfu, args.intra_node_bw, args.inter_node_bw)
+
+
+def format_time(cost: dict, setup: dict | Setup, gpu: str) -> str:
+    """The time model's part of the plan (tail_kd/cost_model.py), in words and numbers."""
+    setup = asdict(setup) if not isinstance(setup, dict) else setup
+    hw, per_token = cost["hardware"], cost["flops_per_token"]
+    nodes = setup["gpus"] // setup["gpus_per_node"]
+    link = "between nodes" if nodes > 1 else "within the node"
+    lines = [
+        "",
+        f"time per step (teacher and student ZeRO-3; {setup['gpus']} x {gpu} at "
+        f"{hw['peak_tflops']:g} TFLOP/s peak, assumed MFU {hw['mfu']:.0%}):",
+        "  FLOPs per token: teacher forward {:.2f} G, student forward+backward {:.2f} G, "
+        "recompute {:.2f} G, lm_heads {:.2f} G".format(
+            *(
+                per_token[k] / 1e9
+                for k in ("teacher_forward", "student_forward_backward", "recompute", "lm_heads")
+            )
+        ),  # fmt: skip
+        f"  compute: {cost['flops_per_step_per_gpu']['total'] / 1e12:.1f} TFLOP per GPU per step "
+        f"({cost['accumulation']} micro-batches) -> {cost['compute_seconds']:.2f} s",
+    ]
+    if setup["gpus"] > 1:
+        logged = ", ".join(
+            f"{name} {value / 1e9:.2f} GB" for name, value in cost["logged_bytes_per_step"].items()
+        )
+        lines += [
+            f"  communication: each GPU receives {cost['received_bytes_per_step_per_gpu'] / 1e9:.2f}"
+            f" GB per step -> {cost['communication_seconds']:.2f} s at "
+            f"{cost['bandwidth_gbps']:g} GB/s {link}",
+            f"  (DeepSpeed's comms logger would count: {logged}; check with "
+            "--set deepspeed.comms_logger.enabled=true, TensorBoard comm/*)",
+        ]
+    else:
+        lines.append("  communication: none (one GPU)")
+    lines.append(
+        f"  step: {cost['step_seconds']:.2f} s with the gathers hidden behind compute "
+        f"({cost['step_seconds_without_overlap']:.2f} s without); "
+        f"{cost['tokens_per_second']:,.0f} tokens/s"
+    )
+    budget = cost.get("budget")
+    if budget:
+        lines.append(
+            f"  {budget['tokens'] / 1e9:.2f}B tokens ({budget['steps']:,.0f} steps): "
+            f"{budget['gpu_hours']:,.0f} GPU-hours, {budget['days']:.1f} days on "
+            f"{setup['gpus']} GPU(s)"
         )
     return "\n".join(lines)
 

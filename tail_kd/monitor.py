@@ -138,12 +138,16 @@ class Monitor:
             self.bar.update(step - self.bar.n)
 
     def log_train(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Write train/<name> scalars and print the step's summary line."""
+        """Write train/<name> scalars (and comm/<collective> bytes when DeepSpeed's
+        communication logger is on: tail_kd/collectives.py) and print the step's summary line."""
         if not self.enabled:
             return
         logged = {name: metrics[name] for name in self.train_scalars}
         for name, value in logged.items():
             self.writer.add_scalar(f"train/{name}", value, step)
+        for name, value in metrics.items():
+            if name.startswith("comm/"):
+                self.writer.add_scalar(name, value, step)
         self.bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
         self.print(f"step {step}/{self.total_steps} | {format_metrics(logged)}")
 

@@ -22,6 +22,7 @@ import torch
 from datasets import Dataset
 
 from tail_kd.checkpoint import CheckpointManager, capture_rng, restore_rng
+from tail_kd.collectives import LoggedCollectives
 from tail_kd.config import Recipe
 from tail_kd.data.loader import DistillationLoader
 from tail_kd.distiller import Distiller
@@ -83,6 +84,7 @@ class Trainer:
         self.accumulation = recipe.gradient_accumulation_steps(ctx.world_size)
         self.faults = FaultInjector(recipe.debug)
         self.skipped = SkippedSteps(recipe.train.max_skipped_steps)
+        self.collectives = LoggedCollectives()
         self.step = 0
         self.first_eval: dict[str, float] | None = None  # held-out numbers before training
         self.last_eval: dict[str, float] | None = None
@@ -173,6 +175,7 @@ class Trainer:
         inspect = self.skipped.inspect_next
         bad_parameters: list[str] = []
         rows = []  # per micro-batch, ROW_SCALARS
+        logged = self.collectives.totals() if self.collectives.enabled else None
         with self.faults.gradients(step, engine.module):
             for micro in range(self.accumulation):
                 batch = next(self.loader)
@@ -196,6 +199,8 @@ class Trainer:
             tokens_per_sec=totals["tokens"] / seconds,
             skipped_steps=float(engine.skipped_steps),
         )
+        if logged is not None:  # deepspeed.comms_logger: bytes per collective (comm/*)
+            metrics.update(self.collectives.since(logged))
         if engine.was_step_applied():
             return StepResult(metrics, None)
         mine = [dict(zip(ROW_SCALARS, row.tolist(), strict=True)) for row in per_micro_batch.cpu()]

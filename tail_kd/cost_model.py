@@ -1,0 +1,194 @@
+"""What a training step costs in time, before anything runs: FLOPs, bytes on the wire, seconds, and
+the GPU-hours of a token budget. The time half of `tail-kd plan` (memory_plan.py is the memory
+half); it models the placement tail-kd trains with today: teacher and student both ZeRO-3.
+
+FLOPs (matmuls: what tensor cores do; the elementwise work of norms, activations and the loss
+is left to the MFU). For a decoder of L layers, width H, query width H_q, MLP and projection
+matmul weights N_lin (all layers), sequences of T tokens and V lm_head rows, per token:
+
+    forward              F = 2 N_lin + 4 L T H_q
+                         (scores and weighted values over all T positions, as attention kernels
+                         compute them without causal block skipping; FlashAttention skips about
+                         half of that second term)
+    teacher              F_t                                  (inference only)
+    student              3 F_s                                (backward = 2 x forward)
+                         + F_s with activation checkpointing  (the layers' forward again)
+    lm_heads             2 V H_t + 6 V H_s                    (teacher logits; student logits,
+                         and in the same fused pass the gradients of its hidden states and of its
+                         lm_head weight: tail_kd/losses/fused.py)
+
+Communication, per micro-batch, N ranks, as DeepSpeed's communication logger counts a collective
+(`deepspeed.comms_logger`: an all-gather by one rank's shard, a reduce-scatter by its whole input):
+
+    all-gather       (d_t G_t + d G_s) / N     G = the parameters ZeRO-3 gathers:
+                     G_t = P_t - persistent_t + [gathered heads, tied] V H_t - [vocab-parallel,
+                           untied] V H_t   (the teacher's forward; its lm_head again for the loss
+                           when it is the input embedding, released after the forward)
+                     G_s = P_s - persistent_s - [vocab-parallel, untied] V H_s  (once: DeepSpeed
+                           keeps the student's parameters from the forward for the backward)
+                     persistent = tensors of at most `stage3_param_persistence_threshold` elements
+                     (kept whole on every rank), d, d_t = bytes per element
+    reduce-scatter   g P_s                      the student's gradients (g: bf16 unless
+                                                `communication_data_type: fp32`)
+    all-reduce       16 bytes per step          overflow and gradient-norm checks
+
+On the wire a ring all-gather brings (N - 1) shards into each GPU (and sends as many out), a ring
+reduce-scatter (N - 1) / N of its input. Vocab-parallel heads (group of P) add exchanges that
+tail-kd makes through torch.distributed, which DeepSpeed's logger does not see (an estimate of
+what each rank receives per micro-batch: the two row shards and the student's row gradient,
+V (d_t H_t + d H_s + g H_s) / P; the group's hidden states, (P - 1) b T (d H_s + d_t H_t); the
+all-reduce of the hidden-state gradient, 2 (P - 1) b T H_s 4 bytes; the per-token numbers,
+P (K + 8) b T 4 bytes).
+
+Time per optimizer step: compute = FLOPs per GPU / (peak x MFU), communication = bytes each GPU
+receives / bandwidth per direction (within a node NVLink's; across nodes the network's share per GPU, which bounds a
+ring through every GPU); the step is max(compute, communication) when ZeRO-3's prefetching hides
+the gathers behind compute, their sum when it does not. One GPU communicates nothing.
+
+Checked by tests/test_cost_model.py: the FLOPs against torch's FLOP counter on a real forward and
+backward (within 10%), the bytes against DeepSpeed's logger in real 2- and 4-rank runs (within
+10%). Not checked: the vocab-parallel exchanges' estimate, and the step time, which needs a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # memory_plan imports this module
+    from tail_kd.memory_plan import ModelShape, Setup
+
+__all__ = [
+    "Hardware",
+    "GPUS",
+    "forward_flops_per_token",
+    "micro_batch_flops",
+    "micro_batch_bytes",
+    "step_cost",
+]
+
+# Peak dense bf16 TFLOP/s of common GPUs (vendor figures, without sparsity).
+GPUS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "a6000": 155.0, "l4": 121.0}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the time model assumes about the machine (`tail-kd plan --gpu ... --mfu ...`)."""
+
+    peak_tflops: float = GPUS["h100"]
+    mfu: float = 0.4  # the fraction of peak the matmuls reach (40%: typical of well-fed ZeRO-3)
+    intra_node_gbps: float = 300.0  # GB/s per GPU in a ring within a node (H100 NVLink)
+    inter_node_gbps: float = 25.0  # GB/s per GPU across nodes (200 Gb/s InfiniBand per GPU)
+
+
+def forward_flops_per_token(shape: ModelShape, seq_len: int) -> float:
+    """F = 2 N_lin + 4 L T H_q (module docstring); 0 for no model."""
+    return 2.0 * shape.linear_parameters + 4.0 * shape.layers * seq_len * shape.q_width
+
+
+def micro_batch_flops(
+    student: ModelShape, teacher: ModelShape, setup: Setup, micro_batch: int
+) -> dict[str, float]:
+    """Matmul FLOPs of one micro-batch on one GPU, by part, with `total`."""
+    tokens = micro_batch * setup.seq_len
+    f_s = forward_flops_per_token(student, setup.seq_len)
+    rows = student.vocab_rows / setup.vocab_parallel_size  # each rank's share of the heads
+    parts = {
+        "teacher_forward": tokens * forward_flops_per_token(teacher, setup.seq_len),
+        "student_forward_backward": tokens * 3 * f_s,
+        "recompute": tokens * f_s if setup.activation_checkpointing else 0.0,
+        # The vocab group scores its P micro-batches together, each rank over its rows.
+        "lm_heads": setup.vocab_parallel_size
+        * tokens
+        * rows
+        * 2
+        * (teacher.hidden + 3 * student.hidden),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def micro_batch_bytes(
+    student: ModelShape, teacher: ModelShape, setup: Setup, micro_batch: int, top_k: int = 10
+) -> dict[str, dict[str, float]]:
+    """Bytes of one micro-batch's collectives: `logged` as DeepSpeed's logger counts them (by
+    collective) and `wire`, what each GPU receives (and sends: a ring is symmetric) over its
+    links (by collective, and `total`)."""
+    n, d, d_t, g = setup.gpus, setup.student_bytes, setup.teacher_bytes, setup.gradient_bytes
+    vocab_parallel = setup.vocab_parallel_size > 1
+    head_t, head_s = teacher.vocab_rows * teacher.hidden, student.vocab_rows * student.hidden
+    gathered_t = teacher.parameters - teacher.persistent_parameters(setup.persistence_threshold)
+    gathered_t += head_t * (
+        (teacher.tied_lm_head and not vocab_parallel)
+        - (vocab_parallel and not teacher.tied_lm_head)
+    )
+    gathered_s = student.parameters - student.persistent_parameters(setup.persistence_threshold)
+    gathered_s -= head_s * (vocab_parallel and not student.tied_lm_head)
+    logged, wire = {}, {}
+    if n > 1:
+        logged["all_gather_into_tensor"] = (d_t * gathered_t + d * gathered_s) / n
+        logged["reduce_scatter_tensor"] = g * student.parameters
+        wire["all_gather_into_tensor"] = (n - 1) * logged["all_gather_into_tensor"]
+        wire["reduce_scatter_tensor"] = (n - 1) / n * logged["reduce_scatter_tensor"]
+    if vocab_parallel:
+        p, tokens = setup.vocab_parallel_size, micro_batch * setup.seq_len
+        wire["vocab_parallel"] = (
+            (d_t * head_t + (d + g) * head_s) / p  # row shards in, the row gradient out
+            + (p - 1) * tokens * (d * student.hidden + d_t * teacher.hidden)
+            + 2 * (p - 1) * tokens * student.hidden * 4
+            + p * (top_k + 8) * tokens * 4
+        )
+    wire["total"] = sum(wire.values())
+    return {"logged": logged, "wire": wire}
+
+
+def step_cost(
+    student: ModelShape,
+    teacher: ModelShape,
+    setup: Setup,
+    hardware: Hardware,
+    tokens: float | None = None,
+    top_k: int = 10,
+) -> dict[str, Any]:
+    """One optimizer step on every GPU: FLOPs and bytes (per step and per token), compute and
+    communication seconds, the step time with and without overlap, tokens per second, and for a
+    budget of `tokens` the steps, GPU-hours and wall-clock days."""
+    accumulation = setup.global_batch_size // (setup.micro_batch_size * setup.gpus)
+    flops = micro_batch_flops(student, teacher, setup, setup.micro_batch_size)
+    traffic = micro_batch_bytes(student, teacher, setup, setup.micro_batch_size, top_k)
+    step_flops = {name: accumulation * value for name, value in flops.items()}
+    logged = {name: accumulation * value for name, value in traffic["logged"].items()}
+    if setup.gpus > 1:
+        logged["all_reduce"] = 16.0
+    wire = accumulation * traffic["wire"]["total"]
+    nodes = setup.gpus // setup.gpus_per_node
+    bandwidth = (hardware.inter_node_gbps if nodes > 1 else hardware.intra_node_gbps) * 1e9
+    compute = step_flops["total"] / (hardware.peak_tflops * 1e12 * hardware.mfu)
+    communication = wire / bandwidth
+    step_tokens = setup.global_batch_size * setup.seq_len
+    overlapped = max(compute, communication)
+    cost = {
+        "hardware": asdict(hardware),
+        "accumulation": accumulation,
+        "flops_per_token": {
+            name: value / (setup.micro_batch_size * setup.seq_len) for name, value in flops.items()
+        },
+        "flops_per_step_per_gpu": step_flops,
+        "logged_bytes_per_step": logged,
+        "received_bytes_per_step_per_gpu": wire,
+        "bandwidth_gbps": bandwidth / 1e9,
+        "compute_seconds": compute,
+        "communication_seconds": communication,
+        "step_seconds": overlapped,
+        "step_seconds_without_overlap": compute + communication,
+        "tokens_per_second": step_tokens / overlapped,
+    }
+    if tokens:
+        steps = tokens / step_tokens
+        cost["budget"] = {
+            "tokens": tokens,
+            "steps": steps,
+            "gpu_hours": steps * overlapped * setup.gpus / 3600,
+            "days": steps * overlapped / 86400,
+        }
+    return cost

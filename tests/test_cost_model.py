@@ -1,0 +1,154 @@
+"""tail_kd/cost_model.py against what really happens: its FLOPs against torch's FLOP counter on a
+real forward and backward of the tiny pair through the fused loss, and its bytes per step against
+DeepSpeed's own communication logger in real ZeRO-3 runs on 2 and 4 CPU ranks (logged by the
+trainer as comm/* in TensorBoard), each within 10%."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from helpers import REPO
+from tail_kd.config import load_recipe
+from tail_kd.cost_model import Hardware, micro_batch_flops, step_cost
+from tail_kd.memory_plan import model_shape, plan_configs, setup_of
+from test_train import launch
+
+RECIPE = REPO / "recipes" / "tiny" / "tad.yaml"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The tiny teacher and data, built once (what training's start does)."""
+    from tail_kd.prepare import prepare
+
+    cache = tmp_path_factory.mktemp("cost") / "cache"
+    prepare(load_recipe(RECIPE, [f"cache_dir={cache}"]), check=False)
+    return cache
+
+
+def plan(cache, ranks: int, *sets: str):
+    recipe = load_recipe(RECIPE, [f"cache_dir={cache}", *sets])
+    teacher, student = plan_configs(recipe)
+    setup = setup_of(recipe, device="cpu", gpus=ranks, gpus_per_node=ranks)
+    return recipe, teacher, student, setup
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_flops_match_torchs_flop_counter(cache, checkpointing):
+    """One micro-batch: the teacher's forward, the student's forward, the fused loss and the
+    backward, counted by torch.utils.flop_counter (eager attention: its matmuls are counted; the
+    CPU's fused attention kernel is not), against `micro_batch_flops`."""
+    from transformers import AutoModelForCausalLM
+
+    from tail_kd.distiller import loss_function
+    from tail_kd.losses import LossInputs
+    from tail_kd.pair import plan_models
+
+    sets = [f"train.activation_checkpointing={str(checkpointing).lower()}"]
+    recipe, teacher_config, student_config, setup = plan(cache, 1, *sets)
+    teacher, student = (
+        AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        for config in (teacher_config, student_config)
+    )
+    if checkpointing:
+        student.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    student.train()
+    loss_fn = loss_function(recipe.loss, plan_models(recipe), "cpu")
+    b, t = setup.micro_batch_size, setup.seq_len
+    ids = torch.randint(
+        0, teacher_config.vocab_size, (b, t), generator=torch.Generator().manual_seed(0)
+    )
+    mask = torch.ones_like(ids)
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            teacher_hidden = teacher.base_model(
+                input_ids=ids, attention_mask=mask
+            ).last_hidden_state
+        hidden = student.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = loss_fn(
+            *LossInputs(
+                student_hidden=hidden[:, :-1],
+                student_weight=student.get_output_embeddings().weight,
+                teacher_hidden=teacher_hidden[:, :-1],
+                teacher_weight=teacher.get_output_embeddings().weight,
+                labels=ids[:, 1:],
+            )
+        )
+        out.loss.backward()
+    counted = counter.get_total_flops()
+    predicted = micro_batch_flops(
+        model_shape(student_config), model_shape(teacher_config), setup, b
+    )
+    assert predicted["recompute"] > 0 if checkpointing else predicted["recompute"] == 0
+    assert predicted["total"] == pytest.approx(counted, rel=0.10), (predicted, counted)
+
+
+@pytest.fixture(scope="module")
+def logged_runs(cache, tmp_path_factory) -> dict:
+    """Real runs with DeepSpeed's communication logger on: 2 ranks with gathered heads (2
+    micro-batches per step), 4 ranks with vocab-parallel heads (1 per step)."""
+    root = tmp_path_factory.mktemp("comms")
+    logger = ["deepspeed.comms_logger.enabled=true", "train.steps=3", "eval.every=0",
+              "checkpoint.every=0"]  # fmt: skip
+    cases = {"gathered-2": (2, []), "vocab-parallel-4": (4, ["parallel.vocab_parallel_size=2"])}
+    runs = {}
+    for name, (ranks, sets) in cases.items():
+        run = launch(root / name, cache, [*logger, *sets], ranks=ranks)
+        run.assert_finished(3)
+        runs[name] = (ranks, sets, run)
+    return runs
+
+
+@pytest.mark.parametrize("case", ["gathered-2", "vocab-parallel-4"])
+def test_bytes_per_step_match_deepspeeds_logger(cache, logged_runs, case):
+    """Steps 2 and 3 (the first step gathers module by module while ZeRO-3 traces the model)."""
+    ranks, sets, run = logged_runs[case]
+    recipe, teacher, student, setup = plan(cache, ranks, *sets)
+    predicted = step_cost(model_shape(student), model_shape(teacher), setup, Hardware())
+    scalars = run.scalars()
+    for name, value in predicted["logged_bytes_per_step"].items():
+        measured = [v for step, v in scalars[f"comm/{name}"] if step >= 2]
+        assert len(measured) == 2, (name, scalars[f"comm/{name}"])
+        for v in measured:
+            assert value == pytest.approx(v, rel=0.10), (case, name, value, v)
+    logged = {tag.removeprefix("comm/") for tag in scalars if tag.startswith("comm/")}
+    assert logged <= set(predicted["logged_bytes_per_step"]) | {"broadcast"}, logged
+
+
+def test_plan_prints_the_time_of_a_recipe_and_its_token_budget(capsys, tmp_path):
+    """`tail-kd plan`'s time section for the paper's recipe, offline, on 1 and on 8 GPUs: the
+    flags reach the model, 8 GPUs cost communication that 1 does not, the budget is the recipe's
+    tokens unless --tokens says otherwise."""
+    from tail_kd.memory_plan import main
+
+    recipe = REPO / "recipes" / "paper" / "qwen1.5-1.8b-to-1.2b.yaml"
+    costs = {}
+    for gpus, args in ((1, []), (8, ["--gpu", "a100", "--mfu", "0.5", "--tokens", "1e9"])):
+        out = tmp_path / f"{gpus}.json"
+        main([str(recipe), "--gpus", str(gpus), "--json", str(out), *args])
+        costs[gpus] = json.loads(out.read_text())["time"]
+        printed = capsys.readouterr().out
+        assert f"{gpus} x {'h100' if gpus == 1 else 'a100'}" in printed and "GPU-hours" in printed
+    one, eight = costs[1], costs[8]
+    assert one["budget"]["tokens"] == 15000 * 128 * 1024
+    assert eight["budget"]["tokens"] == 1e9
+    assert eight["hardware"]["peak_tflops"] == 312.0 and eight["hardware"]["mfu"] == 0.5
+    assert one["communication_seconds"] == 0 and eight["communication_seconds"] > 0
+    # The same tokens per step: 8 GPUs share the FLOPs.
+    assert eight["flops_per_step_per_gpu"]["total"] * 8 == pytest.approx(
+        one["flops_per_step_per_gpu"]["total"]
+    )
+
+
+def test_plan_refuses_a_gpu_it_does_not_know(capsys):
+    from tail_kd.memory_plan import main
+
+    recipe = REPO / "recipes" / "paper" / "qwen1.5-1.8b-to-1.2b.yaml"
+    assert main([str(recipe), "--gpu", "h800x"]) == 2
+    assert "--gpu h800x: name one of h100" in capsys.readouterr().err
