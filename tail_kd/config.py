@@ -182,6 +182,9 @@ class DataConfig:
             raise _FieldError("num_examples", f"required for the generated source {generated[0]}")
 
 
+MIN_AUTO_CHUNK = 1024  # chunk_size: auto never goes below this many tokens
+
+
 @dataclass
 class LossConfig:
     """The distillation objective (tail_kd/losses): CE * ce_weight + divergence."""
@@ -191,7 +194,9 @@ class LossConfig:
     beta: float = _field(2.0, NON_NEGATIVE)  # weight of the renormalised tail term
     normalize: bool = True  # divide beta by the sequence's mean teacher tail mass
     ce_weight: float = _field(1.0, NON_NEGATIVE)
-    chunk_size: int = _field(1024, POSITIVE)  # tokens per fused-loss chunk
+    # Tokens per fused-loss chunk. auto: data.seq_len, at least 1024: a chunk then holds whole
+    # sequences, so TAD's sequence normalisation needs no teacher pre-pass (tail_kd/losses/fused.py).
+    chunk_size: int | Literal["auto"] = "auto"
     # The fused loss's chunks: torch.compile'd or eager; auto = compiled on GPUs.
     kernels: Literal["auto", "eager", "compiled"] = "auto"
     # Hidden-state alignment (tail_kd/losses/hidden.py): + hidden_weight * mean (1 - cosine)
@@ -204,6 +209,12 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.divergence == "none" and self.ce_weight == 0:
             raise _FieldError("ce_weight", "is 0 and divergence is none: nothing would be trained")
+        if self.chunk_size != "auto" and self.chunk_size < 1:
+            raise _FieldError("chunk_size", f"expected auto or >= 1, got {self.chunk_size}")
+
+    def chunk_tokens(self, seq_len: int) -> int:
+        """The fused loss's chunk size for sequences of `seq_len` tokens (`chunk_size`)."""
+        return max(MIN_AUTO_CHUNK, seq_len) if self.chunk_size == "auto" else self.chunk_size
 
 
 @dataclass

@@ -47,12 +47,13 @@ __all__ = ["loss_function", "TeacherHiddenStates", "StudentWithLoss", "Distiller
 
 
 def loss_function(
-    loss: LossConfig, plan: ModelPlan, device: str, *, reference: bool = False
+    loss: LossConfig, plan: ModelPlan, device: str, seq_len: int, *, reference: bool = False
 ) -> LossFunction:
     """The recipe's loss as `fn(*LossInputs, group=None) -> DistillationLossOutput`: the fused
     loss (compiled on GPUs unless `loss.kernels` says otherwise), or with `reference=True` the
     dense reference (full [tokens, V] logits: for checking and debugging only). The models'
-    vocabulary and logit post-processing come from their `plan`."""
+    vocabulary and logit post-processing come from their `plan`; the chunk size from
+    `loss.chunk_tokens(seq_len)`."""
     has_teacher = plan.teacher_config is not None
     options = dict(
         divergence=loss.divergence,
@@ -68,7 +69,10 @@ def loss_function(
         return functools.partial(dense_distillation_loss, **options)
     compiled = loss.kernels == "compiled" or (loss.kernels == "auto" and device == "cuda")
     return functools.partial(
-        fused_distillation_loss, chunk_size=loss.chunk_size, compile=compiled, **options
+        fused_distillation_loss,
+        chunk_size=loss.chunk_tokens(seq_len),
+        compile=compiled,
+        **options,
     )
 
 

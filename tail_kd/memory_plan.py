@@ -18,7 +18,8 @@ the sum of:
                            and returned in the training dtype (both alive for a moment):
                            V ((d + g) H_s + d_t H_t), g = 4 + d if d < 4 else 4,
                            with V / P rows for parallel.vocab_parallel_size P
-    loss chunk             c V e (V / P rows): c = min(loss.chunk_size, b T) tokens of logits and their
+    loss chunk             c V e (V / P rows): c = min(chunk, b T) tokens (chunk: loss.chunk_size,
+                           auto: max(1024, T)) of logits and their
                            gradient, e bytes per logit as measured by tools/bench_loss.py
                            (BENCHMARKS.md): 3 d + 1 with compiled kernels, 48 eager
     student activations    what autograd saves per token and decoder layer in a Hugging Face
@@ -209,7 +210,7 @@ def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> S
         offload_param="offload_param" in offload,
         offload_optimizer="offload_optimizer" in offload,
         activation_checkpointing=recipe.train.activation_checkpointing,
-        loss_chunk=recipe.loss.chunk_size,
+        loss_chunk=recipe.loss.chunk_tokens(recipe.data.seq_len),
         compiled_loss=kernels == "compiled" or (kernels == "auto" and device == "cuda"),
         vocab_parallel_size=recipe.parallel.vocab_parallel_size,
         persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),

@@ -77,7 +77,13 @@ def set_up_run(recipe: Recipe, options, ctx: DistContext, stop_flag: StopFlag):
     )
     teacher_dtype = model_dtype(recipe.teacher.dtype if recipe.teacher else "auto", ctx.device.type)
     teacher, student = load_models(recipe, plan, teacher_dtype)
-    loss_fn = loss_function(recipe.loss, plan, ctx.device.type, reference=options.reference_loss)
+    loss_fn = loss_function(
+        recipe.loss,
+        plan,
+        ctx.device.type,
+        recipe.data.seq_len,
+        reference=options.reference_loss,
+    )
     distiller = Distiller(
         teacher, student, recipe=recipe, ctx=ctx, loss_fn=loss_fn, vocab_size=plan.vocab_size
     )

@@ -155,6 +155,16 @@ def test_top_level_must_be_a_mapping(tmp_path):
         load_recipe(path)
 
 
+def test_the_loss_chunk_covers_a_sequence_unless_set(tmp_path):
+    """auto: data.seq_len, at least 1024 (a chunk holds whole sequences: no teacher pre-pass)."""
+    for seq_len, chunk in ((256, 1024), (2048, 2048)):
+        recipe = load_recipe(write_recipe(tmp_path, with_section("data", seq_len=seq_len)))
+        assert recipe.loss.chunk_size == "auto"
+        assert recipe.loss.chunk_tokens(recipe.data.seq_len) == chunk
+    recipe = load_recipe(write_recipe(tmp_path, with_section("loss", chunk_size=512)))
+    assert recipe.loss.chunk_tokens(2048) == 512
+
+
 # --- field-level errors -------------------------------------------------------------------------
 
 
@@ -178,6 +188,8 @@ def test_top_level_must_be_a_mapping(tmp_path):
             {"divergence": "none", "ce_weight": 0},
             "loss.ce_weight: is 0 and divergence is none",
         ),
+        ("loss", {"chunk_size": 0}, "loss.chunk_size: expected auto or >= 1, got 0"),
+        ("loss", {"chunk_size": "big"}, "loss.chunk_size: expected an integer or one of auto"),
         ("train", {"lr": 0}, "train.lr: expected a positive number, got 0.0"),
         ("train", {"lr": "fast"}, "train.lr: expected a number, got 'fast'"),
         ("train", {"steps": 0}, "train.steps: expected a positive integer, got 0"),

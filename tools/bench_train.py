@@ -103,7 +103,7 @@ def main(argv=None):
         recipe=recipe,
         ctx=ctx,
         vocab_size=plan.vocab_size,
-        loss_fn=loss_function(recipe.loss, plan, device),
+        loss_fn=loss_function(recipe.loss, plan, device, recipe.data.seq_len),
     )
     engine = distiller.student
     batches = [next(loader) for _ in range(args.steps + 1)]
@@ -154,7 +154,9 @@ def main(argv=None):
 
     def use_loss(divergence, **bound):
         recipe.loss.divergence = divergence
-        loss = functools.partial(loss_function(recipe.loss, plan, device), **bound)
+        loss = functools.partial(
+            loss_function(recipe.loss, plan, device, recipe.data.seq_len), **bound
+        )
         engine.module.loss_fn = phases.wrap("loss", loss)
 
     teacher_engine = distiller.teacher
