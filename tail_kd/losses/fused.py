@@ -31,6 +31,7 @@ hidden-state gradient is all-reduced, and each rank keeps its rows' weight gradi
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 from dataclasses import dataclass
 
@@ -126,6 +127,9 @@ def fused_distillation_loss(
         teacher_hidden: [B, T, Ht] final teacher hidden states (None only for CE without `k`).
         teacher_weight: [V_r, Ht] teacher lm_head rows, the same token range as `student_weight`.
         labels: [B, T] next-token targets aligned with positions; -100 = no loss at that position.
+            On the host (a CPU tensor beside CUDA hidden states: the loader's batch, before its
+            copy) the bookkeeping of the valid tokens needs no device synchronisation; on the
+            device it costs three (the valid positions, the label check, the chunk plan).
         divergence: "tad", "forward_kl" (vanilla KD), "reverse_kl" or "none" (CE only).
         k: the teacher's top-K (required for "tad"; for the other divergences it only enables the
             tail-mass diagnostics, at the cost of a top-K per token).
@@ -157,7 +161,7 @@ def fused_distillation_loss(
     shards = VocabShards(student_weight.shape[0], vocab_size, group, student_weight.device)
     if spec.uses_teacher:
         shards.check_same_rows(teacher_weight.shape[0], vocab_size, "teacher_weight")
-    tokens = ValidTokens.from_labels(labels, shards)
+    tokens = ValidTokens.from_labels(labels, shards, student_hidden.device)
     if not torch.is_grad_enabled():  # evaluation: no in-pass gradients either
         student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
     call = _Call(spec, shards, tokens)
@@ -196,20 +200,25 @@ def _check_shapes(s_hidden, s_weight, t_hidden, t_weight, labels, spec: LossSpec
 
 @dataclass(frozen=True)
 class ValidTokens:
-    """The batch's valid positions (label != -100), flattened, with their targets and sequences."""
+    """The batch's valid positions (label != -100), flattened, with their targets and sequences:
+    tensors on the compute device, and the valid tokens per sequence also as host numbers (the
+    chunk plan reads them)."""
 
     positions: Tensor  # flat index b * T + t of each valid position [n]
     targets: Tensor  # its label [n]
     sequence_ids: Tensor  # its sequence b [n]
-    batch_size: int
+    per_sequence: Tensor  # valid tokens per sequence [B]
+    counts: tuple[int, ...]  # the same, on the host
 
     @property
     def count(self) -> int:
-        return self.positions.numel()
+        return sum(self.counts)
 
     @classmethod
-    def from_labels(cls, labels: Tensor, shards: VocabShards) -> ValidTokens:
-        """ValueError if a label lies outside the vocabulary (and is not -100)."""
+    def from_labels(cls, labels: Tensor, shards: VocabShards, device: torch.device) -> ValidTokens:
+        """Worked out where `labels` lie (on the host: no device synchronisation), then sent to
+        `device` without blocking. ValueError if a label lies outside the vocabulary (and is not
+        -100)."""
         batch, seq_len = labels.shape
         flat = labels.reshape(-1)
         positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)
@@ -219,11 +228,19 @@ class ValidTokens:
                 f"labels must lie in [0, {shards.vocab_size}) or be {IGNORE_INDEX}; got values in "
                 f"[{int(targets.min())}, {int(targets.max())}]"
             )
-        return cls(positions, targets, positions // seq_len, batch)
+        sequence_ids = positions // seq_len
+        per_sequence = torch.bincount(sequence_ids, minlength=batch)
+        moved = (_to(x, device) for x in (positions, targets, sequence_ids, per_sequence))
+        return cls(*moved, tuple(per_sequence.tolist()))
 
-    def per_sequence(self) -> Tensor:
-        """Valid tokens per sequence [B]."""
-        return torch.bincount(self.sequence_ids, minlength=self.batch_size)
+
+def _to(x: Tensor, device: torch.device) -> Tensor:
+    """`x` on `device`; from the host to a GPU through pinned memory, without blocking."""
+    if x.device == device:
+        return x
+    if x.device.type == "cpu" and device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -283,7 +300,8 @@ class _FusedDistillationLoss(torch.autograd.Function):
         sequences = None
         if spec.divergence.sequence_normalised:
             sequences = _SequenceState.create(tokens, sums.dtype)
-        chunks, long_seqs = _plan_chunks(sequences, tokens.count, spec.chunk_size)
+        counts = None if sequences is None else tokens.counts
+        chunks, long_seqs = _plan_chunks(counts, tokens.count, spec.chunk_size)
         if long_seqs:
             sequences.run_teacher_prepass(teacher, tokens, long_seqs, spec, shards)
 
@@ -398,11 +416,8 @@ class _SequenceState:
 
     @classmethod
     def create(cls, tokens: ValidTokens, dtype: torch.dtype) -> _SequenceState:
-        # Counted once per call, so that the chunk loop never waits for the device.
-        per_sequence = tokens.per_sequence()
-        nan = torch.full(
-            (tokens.batch_size,), float("nan"), dtype=dtype, device=per_sequence.device
-        )
+        per_sequence = tokens.per_sequence
+        nan = torch.full_like(per_sequence, float("nan"), dtype=dtype)
         return cls(tokens.sequence_ids, per_sequence, nan)
 
     def chunk(self, start: int, end: int) -> ChunkSequences:
@@ -417,17 +432,20 @@ class _SequenceState:
         shards: VocabShards,
     ) -> None:
         """Fill `prepass_mean` for the sequences too long for one chunk: mean alpha_T over each,
-        from the teacher alone."""
-        long_ids = torch.tensor(long_seqs, device=self.ids.device)
-        index = torch.isin(self.ids, long_ids).nonzero().squeeze(1)
+        from the teacher alone. A sequence's valid tokens are consecutive in the flat order: its
+        range comes from the host counts."""
+        starts = [0, *itertools.accumulate(tokens.counts)]
         sums = torch.zeros_like(self.prepass_mean)
         tail_mass = _teacher_tail_mass
         if spec.compile:
             tail_mass = _compiled(_teacher_tail_mass, self.ids.device.type)
-        for start in range(0, index.numel(), spec.chunk_size):
-            rows = index[start : start + spec.chunk_size]
-            hidden = teacher[tokens.positions[rows]]
-            sums.index_add_(0, self.ids[rows], tail_mass(hidden, teacher.weight, spec, shards))
+        for seq in long_seqs:
+            for start in range(starts[seq], starts[seq + 1], spec.chunk_size):
+                end = min(start + spec.chunk_size, starts[seq + 1])
+                hidden = teacher[tokens.positions[start:end]]
+                alpha_t = tail_mass(hidden, teacher.weight, spec, shards)
+                sums.index_add_(0, self.ids[start:end], alpha_t)
+        long_ids = _to(torch.tensor(long_seqs, device="cpu"), self.ids.device)
         self.prepass_mean[long_ids] = sums[long_ids] / self.tokens[long_ids]
 
 
@@ -441,18 +459,19 @@ def _teacher_tail_mass(hidden: Tensor, weight: Tensor, spec: LossSpec, shards: V
 
 
 def _plan_chunks(
-    sequences: _SequenceState | None, n: int, size: int
+    counts: tuple[int, ...] | None, n: int, size: int
 ) -> tuple[list[tuple[int, int]], list[int]]:
     """Token ranges [start, end) over the n valid tokens, and the sequences needing a pre-pass.
 
-    Without sequence normalisation, plain ranges of `size` tokens. With it, each chunk holds whole
-    sequences; a sequence longer than `size` is split and listed as long.
+    Without sequence normalisation (`counts` None), plain ranges of `size` tokens. With it, each
+    chunk holds whole sequences (`counts`: valid tokens per sequence); a sequence longer than
+    `size` is split and listed as long.
     """
-    if sequences is None:
+    if counts is None:
         return [(s, min(s + size, n)) for s in range(0, n, size)], []
     chunks, long_seqs = [], []
     pos = chunk_start = 0
-    for seq, count in enumerate(sequences.tokens.tolist()):
+    for seq, count in enumerate(counts):
         if count > size:
             if pos > chunk_start:
                 chunks.append((chunk_start, pos))
