@@ -23,8 +23,8 @@ raw row-major array [N, S, T, H_t] of a split (N examples, in the dataset's orde
 teacher's dtype, read memory-mapped (an example is read from disk when the loader asks for it,
 never the whole file), and `manifest.json`: the key, each split's shape and file digest.
 
-The key is what the states depend on (`cache_spec`): the teacher (its resolved path and the
-digests of its weight files), the data (the tokenised data's cache entry, which fingerprints the
+The key is what the states depend on (`cache_spec`): the teacher (the digests of its weight
+files and config, wherever its folder is; a hub model's id), the data (the tokenised data's cache entry, which fingerprints the
 source, the tokenizer and the settings), the sequence length, the dtype and the stored state
 indices. The folder is named by the key's fingerprint, and the manifest's key is checked against
 the recipe's on reading: a run never reads states of another teacher, data or dtype.
@@ -83,6 +83,7 @@ class CacheSpec:
     key: dict[str, Any]
     shapes: dict[str, tuple[int, int, int, int]]  # split -> (N, S, T, H_t); no eval set: absent
     dtype: torch.dtype
+    teacher_dir: str  # where the teacher was read from (for people: the key has its digests)
 
     @property
     def bytes_per_token(self) -> int:
@@ -116,7 +117,7 @@ def cache_spec(recipe: Recipe, plan, prepared, dtype: torch.dtype) -> CacheSpec:
     )
     key = {
         "format": FORMAT_VERSION,
-        "teacher": {"path": str(plan.teacher_dir), "weights": _weights_digest(plan.teacher_dir)},
+        "teacher": _teacher_identity(plan.teacher_dir),
         "data": prepared.cache_path.name,
         "seq_len": recipe.data.seq_len,
         "dtype": str(dtype).removeprefix("torch."),
@@ -129,7 +130,7 @@ def cache_spec(recipe: Recipe, plan, prepared, dtype: torch.dtype) -> CacheSpec:
         if dataset is not None
     }
     entry = Path(recipe.cache_dir) / "teacher_states" / fingerprint(key)
-    return CacheSpec(entry, key, shapes, dtype)
+    return CacheSpec(entry, key, shapes, dtype, str(plan.teacher_dir))
 
 
 def spec_of(recipe: Recipe) -> CacheSpec:
@@ -146,13 +147,15 @@ def spec_of(recipe: Recipe) -> CacheSpec:
     return cache_spec(recipe, plan, prepared, dtype)
 
 
-def _weights_digest(teacher_dir: str) -> dict[str, Any]:
-    """Size and sampled checksum of each weight file of a local teacher folder ({} for a hub id,
-    whose name stands for its weights)."""
+def _teacher_identity(teacher_dir: str) -> dict[str, Any]:
+    """What identifies a teacher's hidden states: the size and sampled checksum
+    (`tail_kd.data.cache.file_digest`) of each weight file and of the config of a local folder,
+    so that a copied folder is the same teacher; a hub model's id."""
     folder = Path(teacher_dir)
     if not folder.is_dir():
-        return {}
-    files = sorted([*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")])
+        return {"hub": teacher_dir}
+    patterns = ("config.json", "*.safetensors", "pytorch_model*.bin")
+    files = sorted(file for pattern in patterns for file in folder.glob(pattern))
     return {file.name: file_digest(file) for file in files}
 
 
@@ -167,19 +170,19 @@ def problem(spec: CacheSpec) -> str | None:
         return f"no teacher states in {spec.entry}{interrupted}"
     except (OSError, ValueError) as error:
         return f"{spec.entry / MANIFEST} is unreadable ({error})"
-    if manifest.get("key") != spec.key:
+    written = manifest.get("key") if isinstance(manifest, dict) else None
+    if written != spec.key:
         differ = [
             name
             for name in spec.key
-            if not isinstance(manifest.get("key"), dict)
-            or manifest["key"].get(name) != spec.key[name]
+            if not isinstance(written, dict) or written.get(name) != spec.key[name]
         ]
         return (
             f"{spec.entry / MANIFEST} was written for another {', '.join(differ) or 'key'} than "
             "this recipe's"
         )
     for split, shape in spec.shapes.items():
-        written = manifest["splits"].get(split)
+        written = manifest.get("splits", {}).get(split)
         if written is None or tuple(written["shape"]) != shape:
             return (
                 f"{spec.entry}: the {split} states have shape "
@@ -260,6 +263,8 @@ class StatesWriter:
         manifest = {
             "format": FORMAT_VERSION,
             "key": self.spec.key,
+            "teacher_dir": self.spec.teacher_dir,
+            "dtype": self.spec.key["dtype"],
             "splits": splits,
             "bytes_per_token": self.spec.bytes_per_token,
         }
@@ -275,10 +280,11 @@ class WithTeacherStates:
     file [S, T, H_t] (read from disk on access). Length and order are the wrapped dataset's, so
     the loader's order and resume positions are unchanged."""
 
-    def __init__(self, dataset: Sequence[Mapping[str, Tensor]], file: Path, spec: CacheSpec, split):
+    def __init__(self, dataset: Sequence[Mapping[str, Tensor]], spec: CacheSpec, split: str):
         self.dataset = dataset
         self.dtype = spec.dtype
         bits = np.dtype(f"<i{spec.dtype.itemsize}")  # the raw bytes; viewed as `dtype` per item
+        file = spec.file(spec.entry, split)
         self.rows = np.memmap(file, dtype=bits, mode="r", shape=spec.shapes[split])
 
     def __len__(self) -> int:
@@ -296,9 +302,7 @@ def with_teacher_states(spec: CacheSpec, train, eval_set) -> tuple[WithTeacherSt
     if why is not None:
         raise RecipeError(f"teacher.cached_states: {why}; {FIX}")
     wrapped = [
-        None
-        if dataset is None
-        else WithTeacherStates(dataset, spec.file(spec.entry, split), spec, split)
+        None if dataset is None else WithTeacherStates(dataset, spec, split)
         for split, dataset in (("train", train), ("eval", eval_set))
     ]
     return wrapped[0], wrapped[1]

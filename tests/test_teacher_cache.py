@@ -194,6 +194,21 @@ def test_a_manifest_of_other_inputs_is_refused(workdir, written, capsys):
         shutil.rmtree(wanted.entry)
 
 
+def test_the_key_follows_the_teachers_weights_not_its_folder(workdir, written, capsys):
+    """A copy of the teacher's folder is the same teacher; changed weights are another."""
+    from tail_kd.models import build_tiny_pair
+
+    copy = workdir / "teacher-copy"
+    shutil.copytree(build_tiny_pair(workdir / "cache" / "tiny")[0], copy)
+    assert problem(spec_for(workdir, f"teacher.path={copy}")) is None
+    (weights,) = copy.glob("*.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    error = refused(workdir, capsys, f"teacher.path={copy}")
+    assert f"no teacher states in {spec_for(workdir, f'teacher.path={copy}').entry}" in error
+
+
 def test_an_interrupted_write_is_never_read(workdir, written, capsys):
     """A write that stopped after some rows (no commit): the run is refused, and the next write
     starts afresh."""
