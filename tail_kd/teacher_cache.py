@@ -1,14 +1,15 @@
 """The teacher's hidden states of a recipe's data, written once, read by every student after.
 
 A sweep trains many students on the same data with the same teacher, and the online teacher
-repeats the same forward for each of them. `tail-kd cache-teacher RECIPE` (tail_kd/cache_teacher.py)
-runs it once and stores, for every prepared example (T tokens) of the train and eval sets, the
-teacher's hidden states that training reads: the final ones [T, H_t] and, when
-`loss.hidden_weight` > 0, those at the alignment's teacher indices (tail_kd/hidden_alignment.py):
-S distinct states per token in all (`state_indices`). A run with `teacher.cached_states: true`
-then loads no teacher backbone: every item of its datasets carries its states
-(`WithTeacherStates`, under the key `teacher_states`, [S, T, H_t]), and the loss and the metrics get the logits from them and the
-teacher's lm_head alone (`TeacherHead`), exactly as from the online teacher's forward.
+repeats the same forward for each of them. `tail-kd cache-teacher RECIPE`
+(tail_kd/cache_teacher.py) runs it once and stores, for every prepared example (T tokens) of the
+train and eval sets, the teacher's hidden states that training reads: the final ones [T, H_t]
+and, when `loss.hidden_weight` > 0, those at the alignment's other teacher indices
+(tail_kd/hidden_alignment.py): S distinct states per token in all (`state_indices`). A run with
+`teacher.cached_states: true` then loads no teacher backbone: every item of its datasets carries
+its states (`WithTeacherStates`, under the key `teacher_states`, [S, T, H_t]), and the loss and
+the metrics make the teacher's logits from them and its lm_head alone (`TeacherHead`), exactly
+as from the online teacher's forward.
 
 Hidden states, not logits: the teacher's logits are z = W_t h (then its family's transform,
 tail_kd/models/logits.py), so h and the frozen W_t give them exactly, in S H_t numbers per token
@@ -24,9 +25,9 @@ teacher's dtype, read memory-mapped (an example is read from disk when the loade
 never the whole file), and `manifest.json`: the key, each split's shape and file digest.
 
 The key is what the states depend on (`cache_spec`): the teacher (the digests of its weight
-files and config, wherever its folder is; a hub model's id), the data (the tokenised data's cache entry, which fingerprints the
-source, the tokenizer and the settings), the sequence length, the dtype and the stored state
-indices. The folder is named by the key's fingerprint, and the manifest's key is checked against
+files and config, wherever its folder is; a hub model's id), the data (the tokenised data's
+cache entry, which fingerprints the source, the tokenizer and the settings), the sequence
+length, the dtype and the stored state indices. The folder is named by the key's fingerprint, and the manifest's key is checked against
 the recipe's on reading: a run never reads states of another teacher, data or dtype.
 
 Complete or absent: a write goes into a temporary sibling folder that is renamed into place after
@@ -71,7 +72,6 @@ __all__ = [
 STATES_KEY = "teacher_states"  # the item's key: [S, T, H_t], the batch's: [B, S, T, H_t]
 FORMAT_VERSION = 1  # bump when the layout or the meaning of the files changes
 MANIFEST = "manifest.json"
-SPLITS = ("train", "eval")
 FIX = "write them with `tail-kd cache-teacher RECIPE` (this recipe, the same --set options)"
 
 
@@ -120,7 +120,7 @@ def cache_spec(recipe: Recipe, plan, prepared, dtype: torch.dtype) -> CacheSpec:
         "teacher": _teacher_identity(plan.teacher_dir),
         "data": prepared.cache_path.name,
         "seq_len": recipe.data.seq_len,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": _dtype_name(dtype),
         "states": list(indices),
     }
     hidden = plan.teacher_config.hidden_size
@@ -145,6 +145,11 @@ def spec_of(recipe: Recipe) -> CacheSpec:
     prepared = prepare_datasets(recipe.data, plan.tokenizer, recipe.data.cache_dir, recipe.seed)
     dtype = model_dtype(recipe.teacher.dtype, resolve_device(recipe.device))
     return cache_spec(recipe, plan, prepared, dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """float32, bfloat16."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _teacher_identity(teacher_dir: str) -> dict[str, Any]:
@@ -264,7 +269,7 @@ class StatesWriter:
             "format": FORMAT_VERSION,
             "key": self.spec.key,
             "teacher_dir": self.spec.teacher_dir,
-            "dtype": self.spec.key["dtype"],
+            "dtype": _dtype_name(self.spec.dtype),
             "splits": splits,
             "bytes_per_token": self.spec.bytes_per_token,
         }

@@ -28,7 +28,7 @@ from helpers import RECIPE, REPO, Run
 from tail_kd.config import load_recipe
 from tail_kd.exit_status import EXIT_USAGE
 from tail_kd.monitor import EVAL_SCALARS, TRAIN_SCALARS
-from tail_kd.teacher_cache import StatesWriter, problem, spec_of
+from tail_kd.teacher_cache import CacheSpec, StatesWriter, WithTeacherStates, problem, spec_of
 from test_train import COMMON, STEPS, final_student, launch
 
 ALIGNED = ["loss.hidden_weight=1.0", "loss.hidden_layers=[[2, 1], [-1, -1]]"]  # layers 4 and 2
@@ -246,6 +246,31 @@ def test_prepare_data_check_reports_the_states(workdir, written, capsys):
     assert "states   ready" in capsys.readouterr().out
     assert main([str(RECIPE), "--check", *sets, "--set", "teacher.dtype=bfloat16"]) == 1
     assert "states   MISSING" in capsys.readouterr().out
+
+
+def test_bfloat16_rows_round_trip_and_a_written_entry_is_never_replaced(tmp_path):
+    """The store alone: bf16 rows written by two writers in any order read back bit for bit,
+    a second commit onto a written entry fails without touching it, a damaged file is named."""
+    spec = CacheSpec(tmp_path / "entry", {"k": 1}, {"train": (5, 2, 3, 4)}, torch.bfloat16, "t")
+    states = torch.randn(5, 2, 3, 4).bfloat16()
+    writer = StatesWriter.begin(spec)
+    StatesWriter(spec, writer.folder).write("train", 3, states[3:])  # another rank's rows
+    writer.write("train", 0, states[:3])
+    writer.sync()
+    writer.commit()
+    assert problem(spec) is None and spec.bytes_per_token == 2 * 4 * 2
+    items = WithTeacherStates([{"input_ids": torch.arange(3)}] * 5, spec, "train")
+    for index in range(5):
+        item = items[index]
+        assert item["teacher_states"].dtype == torch.bfloat16
+        assert torch.equal(item["teacher_states"], states[index]) and "input_ids" in item
+    manifest = (spec.entry / "manifest.json").read_text()
+    with pytest.raises(OSError):
+        StatesWriter.begin(spec).commit()
+    assert (spec.entry / "manifest.json").read_text() == manifest
+    with open(spec.entry / "train.bin", "r+b") as file:
+        file.truncate(10)
+    assert problem(spec) == f"{spec.entry / 'train.bin'} does not match its manifest (damaged)"
 
 
 # ---------------------------------------------------------------------------------------------
