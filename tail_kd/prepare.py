@@ -190,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if all(item.ready for item in items):
         print(f"cache: {Path(recipe.cache_dir)} (and the Hugging Face cache): ready")
         return 0
-    print(f"not ready: run `tail-kd prepare-data {args.recipe}` (with the same --set) first")
+    missing = {item.name for item in items if not item.ready}
+    command = "cache-teacher" if missing == {"states"} else "prepare-data"  # what builds them
+    print(f"not ready: run `tail-kd {command} {args.recipe}` (with the same --set) first")
     return 1
 
 

@@ -245,7 +245,8 @@ def test_prepare_data_check_reports_the_states(workdir, written, capsys):
     assert main([str(RECIPE), "--check", *sets]) == 0
     assert "states   ready" in capsys.readouterr().out
     assert main([str(RECIPE), "--check", *sets, "--set", "teacher.dtype=bfloat16"]) == 1
-    assert "states   MISSING" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "states   MISSING" in out and f"run `tail-kd cache-teacher {RECIPE}`" in out
 
 
 def test_bfloat16_rows_round_trip_and_a_written_entry_is_never_replaced(tmp_path):
