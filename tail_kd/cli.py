@@ -1,11 +1,12 @@
-"""The `tail-kd` command: `train`, `status`, `export`, `eval`, `prepare-data`, `plan`, `sweep` and
-`report`.
+"""The `tail-kd` command: `train`, `status`, `export`, `eval`, `prepare-data`, `cache-teacher`,
+`plan`, `sweep` and `report`.
 
     tail-kd train RECIPE.yaml [--nproc N] [train options]    (see `python -m tail_kd.train -h`)
     tail-kd status RUN_DIR [--json | --shell]
     tail-kd export RUN_DIR OUT_DIR [--step N] [--dtype bfloat16]
     tail-kd eval MODEL_OR_RUN [--data RECIPE_OR_FILE] [--teacher PATH] [--gsm N] [--out FILE]
     tail-kd prepare-data RECIPE.yaml [--set KEY=VALUE ...]
+    tail-kd cache-teacher RECIPE.yaml [--set KEY=VALUE ...] [--nproc N]
     tail-kd plan RECIPE.yaml [--gpus N] [--gpu-memory GB] [--gpu h100] [--tokens T] [--set ...]
     tail-kd sweep RECIPE.yaml --grid KEY=V1,V2 ... [--baselines] [--seeds S ...] --out DIR
                   [--nproc N | --slurm]                      (see tail_kd/sweep.py)
@@ -66,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tail_kd.prepare import main as prepare_main
 
         return prepare_main(rest)
+    if command == "cache-teacher":
+        from tail_kd.cache_teacher import main as cache_teacher_main
+
+        return cache_teacher_main(rest)
     if command == "plan":
         from tail_kd.memory_plan import main as plan_main
 

@@ -122,6 +122,9 @@ class TeacherConfig:
     path: str  # local HF folder, hub id, or a .gguf file
     gguf_file: str | None = None  # file name inside `path` when path is a folder holding a .gguf
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # Read the teacher's hidden states of the data from the cache `tail-kd cache-teacher` wrote
+    # (tail_kd/teacher_cache.py) instead of running the teacher: only its lm_head is kept.
+    cached_states: bool = False
 
     def __post_init__(self) -> None:
         if not self.path:

@@ -10,7 +10,8 @@ matmul weights N_lin (all layers), sequences of T tokens and V lm_head rows, per
                          (scores and weighted values over all T positions, as attention kernels
                          compute them without causal block skipping; FlashAttention skips about
                          half of that second term)
-    teacher              F_t                                  (inference only)
+    teacher              F_t                                  (inference only; 0 with
+                                                              teacher.cached_states)
     student              3 F_s                                (backward = 2 x forward)
                          + F_s with activation checkpointing  (the layers' forward again)
     lm_heads             2 V H_t + 6 V H_s                    (teacher logits; student logits,
@@ -26,6 +27,8 @@ Communication, per micro-batch, N ranks, as DeepSpeed's communication logger cou
                            when it is the input embedding, released after the forward)
                      G_s = P_s - persistent_s - [vocab-parallel, untied] V H_s  (once: DeepSpeed
                            keeps the student's parameters from the forward for the backward)
+                     with teacher.cached_states the teacher engine holds its lm_head alone:
+                     G_t = V H_t with gathered heads, 0 vocab-parallel
                      persistent = tensors of at most `stage3_param_persistence_threshold` elements
                      (kept whole on every rank), d, d_t = bytes per element
     reduce-scatter   g P_s                      the student's gradients (g: bf16 unless
@@ -41,9 +44,11 @@ all-reduce of the hidden-state gradient, 2 (P - 1) b T H_s 4 bytes; the per-toke
 P (K + 8) b T 4 bytes).
 
 Time per optimizer step: compute = FLOPs per GPU / (peak x MFU), communication = bytes each GPU
-receives / bandwidth per direction (within a node NVLink's; across nodes the network's share per GPU, which bounds a
-ring through every GPU); the step is max(compute, communication) when ZeRO-3's prefetching hides
-the gathers behind compute, their sum when it does not. One GPU communicates nothing.
+receives / bandwidth per direction (within a node NVLink's; across nodes the network's share per
+GPU, which bounds a ring through every GPU); the step is max(compute, communication) when ZeRO-3's
+prefetching hides the gathers behind compute, their sum when it does not. One GPU communicates
+nothing. With cached teacher states the job also reads S H_t d_t bytes per token from disk: the
+plan states the rate per node the step time implies.
 
 Checked by tests/test_cost_model.py: the FLOPs against torch's FLOP counter on a real forward and
 backward (within 10%), the bytes against DeepSpeed's logger in real 2- and 4-rank runs (within
@@ -94,7 +99,9 @@ def micro_batch_flops(
     f_s = forward_flops_per_token(student, setup.seq_len)
     rows = student.vocab_rows / setup.vocab_parallel_size  # each rank's share of the heads
     parts = {
-        "teacher_forward": tokens * forward_flops_per_token(teacher, setup.seq_len),
+        "teacher_forward": 0.0
+        if setup.cached_states
+        else tokens * forward_flops_per_token(teacher, setup.seq_len),
         "student_forward_backward": tokens * 3 * f_s,
         "recompute": tokens * f_s if setup.activation_checkpointing else 0.0,
         # The vocab group scores its P micro-batches together, each rank over its rows.
@@ -117,11 +124,14 @@ def micro_batch_bytes(
     n, d, d_t, g = setup.gpus, setup.student_bytes, setup.teacher_bytes, setup.gradient_bytes
     vocab_parallel = setup.vocab_parallel_size > 1
     head_t, head_s = teacher.vocab_rows * teacher.hidden, student.vocab_rows * student.hidden
-    gathered_t = teacher.parameters - teacher.persistent_parameters(setup.persistence_threshold)
-    gathered_t += head_t * (
-        (teacher.tied_lm_head and not vocab_parallel)
-        - (vocab_parallel and not teacher.tied_lm_head)
-    )
+    if setup.cached_states:
+        gathered_t = 0 if vocab_parallel else head_t
+    else:
+        gathered_t = teacher.parameters - teacher.persistent_parameters(setup.persistence_threshold)
+        gathered_t += head_t * (
+            (teacher.tied_lm_head and not vocab_parallel)
+            - (vocab_parallel and not teacher.tied_lm_head)
+        )
     gathered_s = student.parameters - student.persistent_parameters(setup.persistence_threshold)
     gathered_s -= head_s * (vocab_parallel and not student.tied_lm_head)
     logged, wire = {}, {}
@@ -183,6 +193,9 @@ def step_cost(
         "step_seconds_without_overlap": compute + communication,
         "tokens_per_second": step_tokens / overlapped,
     }
+    if setup.cached_states:  # what the job reads of the stored teacher states, per node
+        per_token = setup.stored_states * teacher.hidden * setup.teacher_bytes
+        cost["states_read_gbps_per_node"] = cost["tokens_per_second"] * per_token / nodes / 1e9
     if tokens:
         steps = tokens / step_tokens
         cost["budget"] = {

@@ -3,7 +3,9 @@
 Teacher: a ZeRO-3 inference engine (`deepspeed.initialize` with no optimizer, as TRL's
 `prepare_deepspeed` does), in eval mode with gradients off; its weights are sharded over all ranks.
 Its forward returns hidden states only (`TeacherHiddenStates`): the final ones, and those the
-hidden-state alignment needs. A recipe without a teacher (CE only) has none: no engine, no
+hidden-state alignment needs. With `teacher.cached_states` those states come with each batch
+instead (tail_kd/teacher_cache.py) and the engine holds the teacher's lm_head alone
+(`TeacherHead`): no teacher forward. A recipe without a teacher (CE only) has none: no engine, no
 forward, no lm_head, no teacher metrics.
 
 Student: a ZeRO-3 training engine around `StudentWithLoss`, whose forward runs the student's
@@ -42,8 +44,15 @@ from tail_kd.losses import (
 from tail_kd.models import head_logits, logit_transform
 from tail_kd.pair import ModelPlan
 from tail_kd.optim import lr_scheduler, weight_decay_groups
+from tail_kd.teacher_cache import STATES_KEY, TeacherHead, state_indices
 
-__all__ = ["loss_function", "TeacherHiddenStates", "StudentWithLoss", "Distiller"]
+__all__ = [
+    "loss_function",
+    "TeacherHiddenStates",
+    "teacher_engine",
+    "StudentWithLoss",
+    "Distiller",
+]
 
 
 def loss_function(
@@ -87,6 +96,17 @@ class TeacherHiddenStates(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
         return hidden_states_at(self.model, input_ids, attention_mask, self.indices)
+
+
+def teacher_engine(module: nn.Module, recipe: Recipe, ctx: DistContext):
+    """A ZeRO-3 inference engine around the frozen teacher `module` (no optimizer, eval mode):
+    the student's batch split and ZeRO-3 settings, in the dtype of the module's weights."""
+    module.requires_grad_(False)
+    dtype = next(module.parameters()).dtype
+    ds_student = student_config(recipe, ctx.world_size, ctx.device.type)
+    engine, *_ = deepspeed.initialize(model=module, config=teacher_config(ds_student, dtype))
+    engine.eval()
+    return engine
 
 
 class StudentWithLoss(nn.Module):
@@ -153,15 +173,15 @@ class StudentWithLoss(nn.Module):
 class Distiller:
     """The teacher and student engines, and one distillation forward on a micro-batch.
 
-    Build it on every rank with the (unpartitioned) teacher, or None, and student;
-    `deepspeed.initialize` shards both. Then per micro-batch: `out = distiller.forward(batch)`,
-    `distiller.backward(out["loss"])`, and `distiller.student.step()` (a no-op except at the
-    gradient-accumulation boundary).
+    Build it on every rank with the (unpartitioned) teacher, or None, or with cached teacher
+    states its `TeacherHead`, and student; `deepspeed.initialize` shards both. Then per
+    micro-batch: `out = distiller.forward(batch)`, `distiller.backward(out["loss"])`, and
+    `distiller.student.step()` (a no-op except at the gradient-accumulation boundary).
     """
 
     def __init__(
         self,
-        teacher: PreTrainedModel | None,
+        teacher: PreTrainedModel | TeacherHead | None,
         student: PreTrainedModel,
         *,
         recipe: Recipe,
@@ -189,23 +209,30 @@ class Distiller:
             config=ds_student,
             lr_scheduler=lr_scheduler(recipe.train),
         )
+        # The teacher's causal LM (its lm_head alone with cached states) inside its engine.
+        self.teacher_model = teacher
         self.teacher = None
         if teacher is not None:
-            teacher.requires_grad_(False)
             aligned = () if align is None else align.teacher_indices
-            self.teacher, *_ = deepspeed.initialize(
-                model=TeacherHiddenStates(teacher, aligned),
-                config=teacher_config(ds_student, teacher.dtype),
-            )
-            self.teacher.eval()
+            cached = isinstance(teacher, TeacherHead)
+            module = teacher if cached else TeacherHiddenStates(teacher, aligned)
+            self.teacher = teacher_engine(module, recipe, ctx)
+            if cached:  # which stored state (each stored once) is each of the forward's outputs
+                final, layers = teacher.config.num_hidden_layers, student.config.num_hidden_layers
+                stored = state_indices(recipe.loss, final, layers)
+                self.stored_positions = [stored.index(index) for index in (final, *aligned)]
         self.heads.bind(self.student, self.teacher_model)
         self.device = ctx.device
         self.vocab_size = vocab_size
 
-    @property
-    def teacher_model(self) -> PreTrainedModel | None:
-        """The teacher's causal LM inside its engine (None without a teacher)."""
-        return None if self.teacher is None else self.teacher.module.model
+    def _teacher_states(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
+        """`TeacherHiddenStates`' output for the micro-batch: read from the batch with cached
+        states ([B, S, T, H_t], `stored_positions`), else the teacher engine's forward."""
+        if isinstance(self.teacher_model, TeacherHead):
+            states = batch[STATES_KEY].to(self.device)
+            return tuple(states[:, position] for position in self.stored_positions)
+        input_ids = batch["input_ids"].to(self.device)
+        return self.teacher(input_ids, batch["attention_mask"].to(self.device))
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Teacher hidden states (no autograd), then the student's loss forward: one micro-batch."""
@@ -215,7 +242,7 @@ class Distiller:
         if self.teacher is None:
             return self.student(input_ids, attention_mask, labels, None, None)
         with torch.no_grad():
-            teacher_states = self.teacher(input_ids, attention_mask)
+            teacher_states = self._teacher_states(batch)
         with self.heads.teacher_weight(self.teacher_model) as teacher_weight:
             return self.student(input_ids, attention_mask, labels, teacher_states, teacher_weight)
 
@@ -234,7 +261,7 @@ class Distiller:
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
         student, teacher = self.student.module.student, self.teacher_model
-        teacher_hidden = None if teacher is None else self.teacher(input_ids, attention_mask)[0]
+        teacher_hidden = None if teacher is None else self._teacher_states(batch)[0]
         hidden = student.base_model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state

@@ -33,11 +33,18 @@ the sum of:
                            and their gradient: b T H (2 d + 4)
     teacher activations    no autograd: at most one layer's tensors at a time, b T A_t, and the
                            final hidden states the loss reads, b T H_t d_t
+    with teacher.cached_states (tail_kd/teacher_cache.py) no teacher backbone runs: its
+    parameters are its lm_head's partition, d_t V H_t / N (the gathered copy is under lm_heads),
+    and its activations the S states read with the batch, b T S H_t d_t (S = 1, + the aligned
+    layers with loss.hidden_weight > 0)
     overhead               on a GPU, the CUDA context and the allocator's slack: 1 GiB + 10%
 
 Host memory per node: `tail-kd train` loads both models on every rank before DeepSpeed
 partitions them (no zero.Init), G (d_t P_t + 4 P_s), and holds what is offloaded: DeepSpeed's CPU
 estimate for the student (its 1.5 safety factor included) and the teacher's d_t P_t / (N / G).
+
+Disk for the cached teacher states (`tail-kd cache-teacher`, whether the recipe uses them or not):
+S H_t d_t bytes per token of the train and eval data (4 KiB for Qwen1.5-1.8B in bf16).
 
 The estimate is for planning: it is checked against measured peaks (tools/bench_train.py
 --memory; BENCHMARKS.md) and errs on the large side.
@@ -65,6 +72,7 @@ from tail_kd.config import (
 from tail_kd.cost_model import GPUS, Hardware, step_cost
 from tail_kd.deepspeed_config import model_dtype, offloaded, student_config
 from tail_kd.exit_status import EXIT_USAGE, UsageError
+from tail_kd.teacher_cache import state_indices
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -170,6 +178,8 @@ class Setup:
     # For the time model (tail_kd/cost_model.py):
     persistence_threshold: int = 100_000  # ZeRO-3 keeps tensors of at most this many elements whole
     gradient_bytes: int = 4  # bytes per gradient element reduce-scattered
+    cached_states: bool = False  # teacher.cached_states: no teacher backbone runs
+    stored_states: int = 1  # S: the teacher's hidden states per token the loss reads (main sets it)
 
 
 def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> Setup:
@@ -215,6 +225,7 @@ def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> S
         vocab_parallel_size=recipe.parallel.vocab_parallel_size,
         persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
         gradient_bytes=4 if ds_config.get("communication_data_type") == "fp32" else student_bytes,
+        cached_states=recipe.teacher is not None and recipe.teacher.cached_states,
     )
 
 
@@ -245,6 +256,12 @@ def estimate(
         zero_init=False,
     )
     teacher_params = 0 if setup.offload_param else d_t * teacher.parameters // n
+    teacher_params += d_t * teacher.largest_layer
+    teacher_acts = tokens * (activation_bytes_per_token_layer(teacher, d_t) + d_t * teacher.hidden)
+    if setup.cached_states:  # the lm_head alone, and the states that come with the batch
+        head = d_t * teacher.vocab_rows * teacher.hidden
+        teacher_params = 0 if setup.offload_param else head // n
+        teacher_acts = tokens * teacher_cache_bytes_per_token(teacher, setup)
     a_student = activation_bytes_per_token_layer(student, d)
     if setup.activation_checkpointing:
         student_acts = student.layers * tokens * d * student.hidden + tokens * a_student
@@ -255,12 +272,11 @@ def estimate(
     rows = -(-student.vocab_rows // setup.vocab_parallel_size)
     parts = {
         "student_model_states": student_states,
-        "teacher_parameters": teacher_params + d_t * teacher.largest_layer,
+        "teacher_parameters": teacher_params,
         "lm_heads": rows * ((d + _gradient_bytes(d)) * student.hidden + d_t * teacher.hidden),
         "loss_chunk": min(setup.loss_chunk, tokens) * rows * per_logit,
         "student_activations": student_acts,
-        "teacher_activations": tokens
-        * (activation_bytes_per_token_layer(teacher, d_t) + d_t * teacher.hidden),
+        "teacher_activations": teacher_acts,
     }
     subtotal = sum(parts.values())
     parts["overhead"] = (
@@ -268,6 +284,11 @@ def estimate(
     )
     parts["total"] = subtotal + parts["overhead"]
     return parts
+
+
+def teacher_cache_bytes_per_token(teacher: ModelShape, setup: Setup) -> int:
+    """Disk (and batch memory) of the cached teacher states: S H_t d_t bytes per token."""
+    return setup.stored_states * teacher.hidden * setup.teacher_bytes
 
 
 def _gradient_bytes(d: int) -> int:
@@ -410,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     teacher = NO_TEACHER if teacher_config is None else model_shape(teacher_config)
+    if teacher_config is not None:  # S of tail_kd/teacher_cache.py
+        indices = state_indices(recipe.loss, teacher.layers, student_config.num_hidden_layers)
+        setup = dataclasses.replace(setup, stored_states=len(indices))
     student = model_shape(student_config)
     plan = make_plan(student, teacher, setup, memory_gib * GIB)
     tokens = args.tokens or recipe.train.steps * setup.global_batch_size * setup.seq_len
@@ -510,6 +534,7 @@ def make_plan(
         "options": options,
         "recommended": recommended,
         "host_bytes_per_node": host_bytes_per_node(student, teacher, setup),
+        "teacher_cache_bytes_per_token": teacher_cache_bytes_per_token(teacher, setup),
     }
 
 
@@ -577,6 +602,7 @@ def format_plan(recipe_path: str, plan: dict) -> str:
     )
     lines += [
         f"  host memory per node    {gib(plan['host_bytes_per_node']):>11}",
+        *_cache_lines(plan["teacher_cache_bytes_per_token"], setup["cached_states"]),
         "",
         "options, fastest first: largest micro-batch that fits (and the largest that splits "
         f"global_batch_size {setup['global_batch_size']} over {setup['gpus']} GPU(s)), "
@@ -670,6 +696,11 @@ def format_time(cost: dict, setup: dict | Setup, gpu: str) -> str:
         f"({cost['step_seconds_without_overlap']:.2f} s without); "
         f"{cost['tokens_per_second']:,.0f} tokens/s"
     )
+    if "states_read_gbps_per_node" in cost:
+        lines.append(
+            f"  teacher states read from disk: {cost['states_read_gbps_per_node']:.2f} GB/s per "
+            "node at that speed (slower storage makes the step wait)"
+        )
     budget = cost.get("budget")
     if budget:
         lines.append(
@@ -678,6 +709,18 @@ def format_time(cost: dict, setup: dict | Setup, gpu: str) -> str:
             f"{setup['gpus']} GPU(s)"
         )
     return "\n".join(lines)
+
+
+def _cache_lines(per_token: int, cached: bool) -> list[str]:
+    """What `tail-kd cache-teacher` writes for this recipe (nothing without a teacher)."""
+    if per_token == 0:
+        return []
+    use = "read by this recipe" if cached else "teacher.cached_states: true reads them"
+    return [
+        f"  teacher states on disk  {per_token} B per token = {per_token * 1e6 / GIB:.2f} GiB "
+        f"per 1M tokens, {per_token * 1e9 / 2**40:.2f} TiB per 1B tokens (tail-kd "
+        f"cache-teacher; {use})"
+    ]
 
 
 def _local_gpu_memory_gib() -> float | None:

@@ -11,6 +11,10 @@ every rank of every job then only reads:
     tasks     with `eval.tasks`, the benchmarks' data (lm-evaluation-harness, tail_kd/eval/
               harness.py) downloaded into the Hugging Face datasets cache; an unknown task name
               is refused here, before anything is downloaded
+    teacher states
+              with `teacher.cached_states`, the teacher's hidden states of the data: only
+              looked for (`tail-kd cache-teacher` writes them, with the teacher on GPUs); a job
+              refuses to start without them
 
 `--check` fetches and builds nothing: it reports each item as ready or missing and exits 0 when
 all are ready, 1 otherwise. The Slurm scripts run it before launching and, when everything is
@@ -65,9 +69,25 @@ def prepare(recipe: Recipe, *, check: bool) -> list[Item]:
         if tokenizer_item.ready
         else Item("data", f"needs the {tokenizer_item.name}'s tokenizer", False)
     )
+    if recipe.teacher is not None and recipe.teacher.cached_states:
+        data_item = items[-1]
+        items.append(
+            _states_item(recipe)
+            if data_item.ready
+            else Item("states", "teacher hidden states: need the data", False)
+        )
     if tasks:
         items.append(_tasks_item(*tasks, check))
     return items
+
+
+def _states_item(recipe: Recipe) -> Item:
+    from tail_kd.teacher_cache import FIX, problem, spec_of
+
+    spec = spec_of(recipe)
+    why = problem(spec)
+    what = f"teacher hidden states (teacher.cached_states) in {spec.entry}"
+    return Item("states", what, why is None, () if why is None else (why, FIX))
 
 
 def _checked_tasks(recipe: Recipe) -> tuple[object, list[str]] | None:
@@ -170,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if all(item.ready for item in items):
         print(f"cache: {Path(recipe.cache_dir)} (and the Hugging Face cache): ready")
         return 0
-    print(f"not ready: run `tail-kd prepare-data {args.recipe}` (with the same --set) first")
+    missing = {item.name for item in items if not item.ready}
+    command = "cache-teacher" if missing == {"states"} else "prepare-data"  # what builds them
+    print(f"not ready: run `tail-kd {command} {args.recipe}` (with the same --set) first")
     return 1
 
 

@@ -5,7 +5,10 @@ the DeepSpeed config (DeepSpeed's own schema) and the vocab-parallel rules; the 
 (`--resume` of a finished run has nothing to do, `--overwrite` clears the old run); the models'
 plan (`tail_kd.pair.plan_models`: the teacher resolved, the student's config derived, the
 vocabularies checked); the data; then the weights, the two DeepSpeed engines, the checkpoint
-manager and, with `--resume`, the newest complete checkpoint. The caches (a converted GGUF
+manager and, with `--resume`, the newest complete checkpoint. With `teacher.cached_states` the
+data carry the teacher's hidden states (tail_kd/teacher_cache.py; refused before any weight
+loads when they were written for other inputs, and missing ones already by the entry point) and
+the teacher is reduced to its lm_head once the student is made. The caches (a converted GGUF
 teacher, the tokenised data) were filled by the entry point before the process group existed
 (tail_kd/train.py), so here they are only read.
 """
@@ -20,7 +23,7 @@ from transformers.utils import logging as hf_logging
 from tail_kd.checkpoint import CheckpointManager
 from tail_kd.config import Recipe, RecipeError, vocab_parallel_problem
 from tail_kd.data.loader import DistillationLoader
-from tail_kd.data.prepared import build_datasets
+from tail_kd.data.prepared import prepare_datasets
 from tail_kd.deepspeed_config import check_deepspeed_config, model_dtype
 from tail_kd.distributed import DistContext
 from tail_kd.export import save_student_spec
@@ -28,6 +31,7 @@ from tail_kd.monitor import Monitor
 from tail_kd.pair import load_models, plan_models
 from tail_kd.run_dir import DONE_MARKER, clear_output_dir, read_done
 from tail_kd.signals import StopFlag
+from tail_kd.teacher_cache import TeacherHead, cache_spec, with_teacher_states
 
 __all__ = ["set_up_run"]
 
@@ -69,14 +73,21 @@ def set_up_run(recipe: Recipe, options, ctx: DistContext, stop_flag: StopFlag):
             run_dir, plan.student_config, plan.student_tokenizer, plan.generation_config
         )
     # From the cache the entry point filled before the process group existed (tail_kd/train.py).
-    train_set, eval_set = build_datasets(
-        recipe.data, plan.tokenizer, recipe.data.cache_dir, recipe.seed
-    )
+    prepared = prepare_datasets(recipe.data, plan.tokenizer, recipe.data.cache_dir, recipe.seed)
+    train_set, eval_set = prepared.train, prepared.eval
+    teacher_dtype = model_dtype(recipe.teacher.dtype if recipe.teacher else "auto", ctx.device.type)
+    cached = recipe.teacher is not None and recipe.teacher.cached_states
+    if cached:  # the teacher's states come with each example (tail_kd/teacher_cache.py)
+        spec = cache_spec(recipe, plan, prepared, teacher_dtype)
+        train_set, eval_set = with_teacher_states(spec, train_set, eval_set)
+        if ctx.is_main:
+            print(f"teacher: hidden states read from {spec.entry}, its lm_head alone kept")
     loader = DistillationLoader(
         train_set, recipe.train.micro_batch_size, ctx.rank, ctx.world_size, recipe.seed
     )
-    teacher_dtype = model_dtype(recipe.teacher.dtype if recipe.teacher else "auto", ctx.device.type)
     teacher, student = load_models(recipe, plan, teacher_dtype)
+    if cached:  # (a derived student was made from the whole teacher): keep its lm_head alone
+        teacher = TeacherHead(teacher)
     loss_fn = loss_function(
         recipe.loss,
         plan,

@@ -185,10 +185,13 @@ def _fill_caches(recipe: Recipe) -> None:
     """Everything `tail-kd prepare-data` would fetch or build, before the process group exists:
     the first rank to need a cache entry builds it under a file lock while the others wait on the
     lock, in no collective that a watchdog could time out; and outside a process group,
-    transformers saves whole model folders whatever the rank (inside one, only rank 0's)."""
+    transformers saves whole model folders whatever the rank (inside one, only rank 0's). What a
+    job cannot build (the teacher states of `teacher.cached_states`) is refused when missing."""
     from tail_kd.prepare import prepare
 
-    prepare(recipe, check=False)
+    for item in prepare(recipe, check=False):
+        if not item.ready:  # what a job cannot build: the teacher states of cached_states
+            raise RecipeError("; ".join((item.what, *item.details)))
 
 
 def _compile_cache_in(cache_dir: Path) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "tokenizer_fingerprint",
     "load_or_build",
     "is_complete",
+    "file_digest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def load_or_build(
         try:
             logger.info("building data cache %s", entry)
             summary = build(tmp)
-            files = {p.name: _file_digest(p) for p in sorted(tmp.iterdir())}
+            files = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
             manifest = {
                 "format": FORMAT_VERSION,
                 "key": dict(key),
@@ -197,7 +198,7 @@ def _check(entry: Path) -> str | None:
         return f"format {version}, expected {FORMAT_VERSION}"
     for name, expected in files.items():
         try:
-            actual = _file_digest(entry / name)
+            actual = file_digest(entry / name)
         except FileNotFoundError:
             return f"{name} is missing"
         if actual != expected:
@@ -215,7 +216,7 @@ def _load(entry: Path) -> CacheEntry:
     return CacheEntry(entry, tables, manifest["summary"])
 
 
-def _file_digest(path: Path) -> dict[str, Any]:
+def file_digest(path: Path) -> dict[str, Any]:
     """Size and a checksum of the first and last MiB of `path` (all of it when smaller)."""
     size = path.stat().st_size
     digest = hashlib.blake2b(digest_size=16)
