@@ -310,6 +310,10 @@ class ParallelConfig:
     # Groups of this many consecutive ranks (on one node) split the lm_head rows of teacher and
     # student between them for the loss (tail_kd/sharded_heads.py); 1 = off.
     vocab_parallel_size: int = _field(1, POSITIVE)
+    # Where the frozen teacher's weights live (tail_kd/placement.py): zero3 partitions them over
+    # the ranks (gathered at every forward), replicated keeps a whole copy on every GPU (no
+    # gathers), auto takes replicated when `tail-kd plan`'s estimate fits the GPUs (zero3 on CPU).
+    teacher_placement: Literal["auto", "replicated", "zero3"] = "auto"
 
 
 @dataclass(kw_only=True)  # keyword-only: required sections can sit in schema order

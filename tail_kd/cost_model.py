@@ -1,6 +1,7 @@
 """What a training step costs in time, before anything runs: FLOPs, bytes on the wire, seconds, and
 the GPU-hours of a token budget. The time half of `tail-kd plan` (memory_plan.py is the memory
-half); it models the placement tail-kd trains with today: teacher and student both ZeRO-3.
+half); it models the placements tail-kd trains with: a ZeRO-3 student, and a ZeRO-3 or replicated
+teacher (`parallel.teacher_placement`).
 
 FLOPs (matmuls: what tensor cores do; the elementwise work of norms, activations and the loss
 is left to the MFU). For a decoder of L layers, width H, query width H_q, MLP and projection
@@ -28,7 +29,8 @@ Communication, per micro-batch, N ranks, as DeepSpeed's communication logger cou
                      G_s = P_s - persistent_s - [vocab-parallel, untied] V H_s  (once: DeepSpeed
                            keeps the student's parameters from the forward for the backward)
                      with teacher.cached_states the teacher engine holds its lm_head alone:
-                     G_t = V H_t with gathered heads, 0 vocab-parallel
+                     G_t = V H_t with gathered heads, 0 vocab-parallel; with
+                     parallel.teacher_placement replicated G_t = 0
                      persistent = tensors of at most `stage3_param_persistence_threshold` elements
                      (kept whole on every rank), d, d_t = bytes per element
     reduce-scatter   g P_s                      the student's gradients (g: bf16 unless
@@ -124,7 +126,9 @@ def micro_batch_bytes(
     n, d, d_t, g = setup.gpus, setup.student_bytes, setup.teacher_bytes, setup.gradient_bytes
     vocab_parallel = setup.vocab_parallel_size > 1
     head_t, head_s = teacher.vocab_rows * teacher.hidden, student.vocab_rows * student.hidden
-    if setup.cached_states:
+    if setup.teacher_placement == "replicated":  # whole on every GPU: nothing to gather
+        gathered_t = 0
+    elif setup.cached_states:
         gathered_t = 0 if vocab_parallel else head_t
     else:
         gathered_t = teacher.parameters - teacher.persistent_parameters(setup.persistence_threshold)

@@ -98,10 +98,14 @@ class TeacherHiddenStates(nn.Module):
         return hidden_states_at(self.model, input_ids, attention_mask, self.indices)
 
 
-def teacher_engine(module: nn.Module, recipe: Recipe, ctx: DistContext):
-    """A ZeRO-3 inference engine around the frozen teacher `module` (no optimizer, eval mode):
-    the student's batch split and ZeRO-3 settings, in the dtype of the module's weights."""
+def teacher_engine(module: nn.Module, recipe: Recipe, ctx: DistContext, placement: str = "zero3"):
+    """The frozen teacher `module` (no gradients, eval mode) placed as `placement` says
+    (tail_kd/placement.py): a ZeRO-3 inference engine (no optimizer; the student's batch split and
+    ZeRO-3 settings, in the dtype of the module's weights), or, replicated, the module itself on
+    this rank's device."""
     module.requires_grad_(False)
+    if placement == "replicated":
+        return module.to(ctx.device).eval()
     dtype = next(module.parameters()).dtype
     ds_student = student_config(recipe, ctx.world_size, ctx.device.type)
     engine, *_ = deepspeed.initialize(model=module, config=teacher_config(ds_student, dtype))
@@ -147,7 +151,8 @@ class StudentWithLoss(nn.Module):
         teacher_states: tuple[Tensor, ...] | None,
         teacher_weight: Tensor | None,
     ) -> dict[str, Tensor]:
-        """`teacher_states`: `TeacherHiddenStates`' output; it and teacher_weight may be None for
+        """`labels`: on the host or the device (the loss reads them where they are).
+        `teacher_states`: `TeacherHiddenStates`' output; it and teacher_weight may be None for
         a loss that needs no teacher (CE only)."""
         hidden, *aligned = hidden_states_at(self.student, input_ids, attention_mask, self.indices)
         weight = self.heads.student_weight(self.student)
@@ -164,7 +169,8 @@ class StudentWithLoss(nn.Module):
         scalars = result.scalars()
         cosine = torch.full_like(scalars["ce"], math.nan)  # STEP_SCALARS has it: NaN when off
         if self.align is not None:
-            distance, cosine = self.align(aligned, teacher_states[1:], labels)
+            on_device = labels.to(hidden.device, non_blocking=True)
+            distance, cosine = self.align(aligned, teacher_states[1:], on_device)
             scalars["loss"] = scalars["loss"] + self.hidden_weight * distance
         num_tokens = torch.tensor(float(result.num_tokens), device=result.loss.device)
         return {**scalars, "hidden_cosine": cosine, "num_tokens": num_tokens}
@@ -188,8 +194,10 @@ class Distiller:
         ctx: DistContext,
         loss_fn: LossFunction,
         vocab_size: int,
+        teacher_placement: str = "zero3",
     ):
-        """`vocab_size`: the real tokens the two lm_heads share (the loss's vocabulary)."""
+        """`vocab_size`: the real tokens the two lm_heads share (the loss's vocabulary);
+        `teacher_placement`: replicated or zero3 (tail_kd/placement.py)."""
         ds_student = student_config(recipe, ctx.world_size, ctx.device.type)
         if recipe.train.activation_checkpointing:
             student.gradient_checkpointing_enable(
@@ -216,7 +224,7 @@ class Distiller:
             aligned = () if align is None else align.teacher_indices
             cached = isinstance(teacher, TeacherHead)
             module = teacher if cached else TeacherHiddenStates(teacher, aligned)
-            self.teacher = teacher_engine(module, recipe, ctx)
+            self.teacher = teacher_engine(module, recipe, ctx, teacher_placement)
             if cached:  # which stored state (each stored once) is each of the forward's outputs
                 final, layers = teacher.config.num_hidden_layers, student.config.num_hidden_layers
                 stored = state_indices(recipe.loss, final, layers)
@@ -225,24 +233,30 @@ class Distiller:
         self.device = ctx.device
         self.vocab_size = vocab_size
 
+    def _on_device(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The micro-batch on the device, copied without blocking (the loader pins it on GPUs)."""
+        return {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
+
     def _teacher_states(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
-        """`TeacherHiddenStates`' output for the micro-batch: read from the batch with cached
-        states ([B, S, T, H_t], `stored_positions`), else the teacher engine's forward."""
+        """`TeacherHiddenStates`' output for the micro-batch (on the device): read from the batch
+        with cached states ([B, S, T, H_t], `stored_positions`), else the teacher engine's
+        forward."""
         if isinstance(self.teacher_model, TeacherHead):
-            states = batch[STATES_KEY].to(self.device)
+            states = batch[STATES_KEY]
             return tuple(states[:, position] for position in self.stored_positions)
-        input_ids = batch["input_ids"].to(self.device)
-        return self.teacher(input_ids, batch["attention_mask"].to(self.device))
+        return self.teacher(batch["input_ids"], batch["attention_mask"])
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Teacher hidden states (no autograd), then the student's loss forward: one micro-batch."""
-        input_ids = batch["input_ids"].to(self.device)
-        attention_mask = batch["attention_mask"].to(self.device)
-        labels = batch["labels"].to(self.device)
+        """Teacher hidden states (no autograd), then the student's loss forward: one micro-batch.
+        The loss gets the host's labels (`batch` as the loader made it): it works out the valid
+        tokens there, with no device synchronisation (tail_kd/losses/fused.py)."""
+        on_device = self._on_device(batch)
+        input_ids, attention_mask = on_device["input_ids"], on_device["attention_mask"]
+        labels = batch["labels"]
         if self.teacher is None:
             return self.student(input_ids, attention_mask, labels, None, None)
         with torch.no_grad():
-            teacher_states = self._teacher_states(batch)
+            teacher_states = self._teacher_states(on_device)
         with self.heads.teacher_weight(self.teacher_model) as teacher_weight:
             return self.student(input_ids, attention_mask, labels, teacher_states, teacher_weight)
 
@@ -256,10 +270,11 @@ class Distiller:
         """Add a held-out micro-batch to `metrics` (tail_kd.eval, the code `tail-kd eval` runs):
         both backbones' final hidden states, then logits for a few hundred positions at a time
         (`score_hidden_states`) from the whole lm_heads, gathered here whatever the head source,
-        post-processed as each model does it (`head_logits`), real vocabulary rows only. Call it on every rank (ZeRO-3 gathers the weights of each
-        module collectively); sum the ranks' `metrics.state()`."""
-        input_ids = batch["input_ids"].to(self.device)
-        attention_mask = batch["attention_mask"].to(self.device)
+        post-processed as each model does it (`head_logits`), real vocabulary rows only. Call it on
+        every rank (ZeRO-3 gathers the weights of each module collectively); sum the ranks'
+        `metrics.state()`."""
+        batch = self._on_device(batch)
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         student, teacher = self.student.module.student, self.teacher_model
         teacher_hidden = None if teacher is None else self._teacher_states(batch)[0]
         hidden = student.base_model(
@@ -271,7 +286,7 @@ class Distiller:
                 metrics,
                 hidden,
                 lambda h: head_logits(student, h),
-                batch["labels"].to(self.device),
+                batch["labels"],
                 teacher_hidden,
                 None if teacher is None else lambda h: head_logits(teacher, h),
                 vocab_size=self.vocab_size,

@@ -13,8 +13,10 @@ forward; the loss reads both lm_heads outside their modules. Two sources solve t
     reduce-scattered by ZeRO-3 like any other.
   - The teacher's lm_head weight is gathered read-only (`GatheredParameters`, no modifier rank)
     around the student's forward and passed in as a plain tensor; the teacher gets no gradient.
+    A replicated teacher's (tail_kd/placement.py) is whole already: the gather does nothing.
 - `ShardedHeads` (`parallel.vocab_parallel_size: P > 1`): each rank reads only its 1/P of the rows
-  from ZeRO-3's partitions (the teacher's once, the student's after each optimizer step), the
+  from ZeRO-3's partitions (the teacher's once, or straight from its weight when the teacher is
+  replicated; the student's after each optimizer step), the
   loss runs vocab-parallel over the rank's group, and the rows' gradient goes back into ZeRO-3's
   gradient partitions at the accumulation boundary (tail_kd/sharded_heads.py has the exchange).
 
@@ -106,8 +108,14 @@ class ShardedHeads(HeadSource):
     def bind(self, student_engine, teacher: nn.Module | None) -> None:
         self.engine = student_engine
         self.student_head = ShardedHead(lm_head(student_engine.module.student), self.groups)
-        if teacher is not None:
-            self.teacher_rows = ShardedHead(lm_head(teacher), self.groups).gather_rows()
+        if teacher is None:
+            return
+        head = lm_head(teacher)
+        if hasattr(head, "ds_tensor"):  # ZeRO-3 partitions: this rank's rows from them
+            self.teacher_rows = ShardedHead(head, self.groups).gather_rows()
+        else:  # a replicated teacher: its rows are here
+            start, stop = self.groups.rows
+            self.teacher_rows = head.data[start:stop]
 
     @contextlib.contextmanager
     def teacher_weight(self, teacher: nn.Module) -> Iterator[Tensor]:

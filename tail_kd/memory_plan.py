@@ -12,8 +12,10 @@ the sum of:
                            moments) + 4 bytes per parameter of the largest layer; with
                            offload_optimizer only the 2 P_s / N of bf16 weights stay, with
                            offload_param as well, only the largest layer.
-    teacher parameters     d_t P_t / N (0 with offload_param) + d_t x its largest layer (gathered)
-    lm_heads               both gathered whole while the loss runs, and the student's lm_head
+    teacher parameters     d_t P_t / N (0 with offload_param) + d_t x its largest layer (gathered);
+                           replicated (parallel.teacher_placement): d_t P_t, nothing gathered
+    lm_heads               both gathered whole while the loss runs (a replicated teacher's is
+                           resident: counted with its parameters), and the student's lm_head
                            gradient that the fused loss forms in the forward, summed in float32
                            and returned in the training dtype (both alive for a moment):
                            V ((d + g) H_s + d_t H_t), g = 4 + d if d < 4 else 4,
@@ -178,6 +180,7 @@ class Setup:
     # For the time model (tail_kd/cost_model.py):
     persistence_threshold: int = 100_000  # ZeRO-3 keeps tensors of at most this many elements whole
     gradient_bytes: int = 4  # bytes per gradient element reduce-scattered
+    teacher_placement: str = "zero3"  # parallel.teacher_placement (auto: make_plan chooses)
     cached_states: bool = False  # teacher.cached_states: no teacher backbone runs
     stored_states: int = 1  # S: the teacher's hidden states per token the loss reads (main sets it)
 
@@ -225,6 +228,7 @@ def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> S
         vocab_parallel_size=recipe.parallel.vocab_parallel_size,
         persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
         gradient_bytes=4 if ds_config.get("communication_data_type") == "fp32" else student_bytes,
+        teacher_placement=recipe.parallel.teacher_placement,
         cached_states=recipe.teacher is not None and recipe.teacher.cached_states,
     )
 
@@ -262,6 +266,10 @@ def estimate(
         head = d_t * teacher.vocab_rows * teacher.hidden
         teacher_params = 0 if setup.offload_param else head // n
         teacher_acts = tokens * teacher_cache_bytes_per_token(teacher, setup)
+    replicated = setup.teacher_placement == "replicated"
+    if replicated:  # the whole teacher (its lm_head alone with cached states) on every GPU
+        head = teacher.vocab_rows * teacher.hidden
+        teacher_params = d_t * (head if setup.cached_states else teacher.parameters)
     a_student = activation_bytes_per_token_layer(student, d)
     if setup.activation_checkpointing:
         student_acts = student.layers * tokens * d * student.hidden + tokens * a_student
@@ -273,7 +281,8 @@ def estimate(
     parts = {
         "student_model_states": student_states,
         "teacher_parameters": teacher_params,
-        "lm_heads": rows * ((d + _gradient_bytes(d)) * student.hidden + d_t * teacher.hidden),
+        "lm_heads": rows
+        * ((d + _gradient_bytes(d)) * student.hidden + (0 if replicated else d_t * teacher.hidden)),
         "loss_chunk": min(setup.loss_chunk, tokens) * rows * per_logit,
         "student_activations": student_acts,
         "teacher_activations": teacher_acts,
@@ -316,7 +325,7 @@ def host_bytes_per_node(student: ModelShape, teacher: ModelShape, setup: Setup) 
             cpu_offload_params=setup.offload_param,
             zero_init=True,  # what stays after loading: the partitions, not the full copies
         )
-    if setup.offload_param:
+    if setup.offload_param and setup.teacher_placement != "replicated":
         offloaded_bytes += setup.teacher_bytes * teacher.parameters // nodes
     return max(loading, offloaded_bytes)
 
@@ -431,11 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     teacher = NO_TEACHER if teacher_config is None else model_shape(teacher_config)
-    if teacher_config is not None:  # S of tail_kd/teacher_cache.py
-        indices = state_indices(recipe.loss, teacher.layers, student_config.num_hidden_layers)
-        setup = dataclasses.replace(setup, stored_states=len(indices))
+    if teacher_config is not None:
+        setup = with_stored_states(setup, recipe, teacher, student_config)
     student = model_shape(student_config)
     plan = make_plan(student, teacher, setup, memory_gib * GIB)
+    setup = dataclasses.replace(setup, teacher_placement=plan["setup"]["teacher_placement"])
     tokens = args.tokens or recipe.train.steps * setup.global_batch_size * setup.seq_len
     plan["time"] = step_cost(student, teacher, setup, hardware, tokens, recipe.loss.k)
     print(format_plan(args.recipe, plan))
@@ -481,12 +490,37 @@ OPTIONS = (
 )
 
 
+def with_stored_states(setup: Setup, recipe: Recipe, teacher: ModelShape, student_config) -> Setup:
+    """`setup` with S, the teacher hidden states per token the loss reads
+    (tail_kd/teacher_cache.py)."""
+    indices = state_indices(recipe.loss, teacher.layers, student_config.num_hidden_layers)
+    return dataclasses.replace(setup, stored_states=len(indices))
+
+
+def choose_teacher_placement(
+    student: ModelShape, teacher: ModelShape, setup: Setup, budget: int
+) -> str:
+    """`parallel.teacher_placement: auto`: replicated when the estimate with a whole teacher on
+    every GPU fits `budget` at the recipe's settings, else zero3; zero3 on CPU ranks (they share
+    one host's memory, and ZeRO-3 keeps CPU runs as they were)."""
+    if setup.device != "cuda":
+        return "zero3"
+    whole = dataclasses.replace(setup, teacher_placement="replicated")
+    fits = estimate(student, teacher, whole, setup.micro_batch_size)["total"] <= budget
+    return "replicated" if fits else "zero3"
+
+
 def make_plan(
     student: ModelShape, teacher: ModelShape, setup: Setup, budget: float
 ) -> dict[str, object]:
     """The estimate at the recipe's settings, the largest micro-batch of every offload and
-    checkpointing option, the fastest option that fits the recipe's micro-batch, host memory."""
+    checkpointing option, the fastest option that fits the recipe's micro-batch, host memory;
+    with `teacher_placement: auto`, the placement chosen (`choose_teacher_placement`)."""
     budget = int(budget)
+    if setup.teacher_placement == "auto":
+        setup = dataclasses.replace(
+            setup, teacher_placement=choose_teacher_placement(student, teacher, setup, budget)
+        )
     options = []
     for offload_optimizer, offload_param, checkpointing in OPTIONS:
         offload = [
@@ -590,8 +624,8 @@ def format_plan(recipe_path: str, plan: dict) -> str:
             else []
         ),
         f"per GPU with the recipe's settings (ZeRO-3 offload: {offload}, activation "
-        f"checkpointing {checkpointing}) at micro-batch {setup['micro_batch_size']} x "
-        f"{setup['seq_len']} tokens:",
+        f"checkpointing {checkpointing}, teacher {setup['teacher_placement']}) at micro-batch "
+        f"{setup['micro_batch_size']} x {setup['seq_len']} tokens:",
     ]
     for name, value in parts.items():
         if name != "total":
@@ -666,7 +700,8 @@ def format_time(cost: dict, setup: dict | Setup, gpu: str) -> str:
     link = "between nodes" if nodes > 1 else "within the node"
     lines = [
         "",
-        f"time per step (teacher and student ZeRO-3; {setup['gpus']} x {gpu} at "
+        f"time per step (student ZeRO-3, teacher {setup['teacher_placement']}; "
+        f"{setup['gpus']} x {gpu} at "
         f"{hw['peak_tflops']:g} TFLOP/s peak, assumed MFU {hw['mfu']:.0%}):",
         "  FLOPs per token: teacher forward {:.2f} G, student forward+backward {:.2f} G, "
         "recompute {:.2f} G, lm_heads {:.2f} G".format(

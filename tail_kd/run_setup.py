@@ -29,6 +29,7 @@ from tail_kd.distributed import DistContext
 from tail_kd.export import save_student_spec
 from tail_kd.monitor import Monitor
 from tail_kd.pair import load_models, plan_models
+from tail_kd.placement import teacher_placement
 from tail_kd.run_dir import DONE_MARKER, clear_output_dir, read_done
 from tail_kd.signals import StopFlag
 from tail_kd.teacher_cache import TeacherHead, cache_spec, with_teacher_states
@@ -83,7 +84,12 @@ def set_up_run(recipe: Recipe, options, ctx: DistContext, stop_flag: StopFlag):
         if ctx.is_main:
             print(f"teacher: hidden states read from {spec.entry}, its lm_head alone kept")
     loader = DistillationLoader(
-        train_set, recipe.train.micro_batch_size, ctx.rank, ctx.world_size, recipe.seed
+        train_set,
+        recipe.train.micro_batch_size,
+        ctx.rank,
+        ctx.world_size,
+        recipe.seed,
+        pin_memory=ctx.device.type == "cuda",
     )
     teacher, student = load_models(recipe, plan, teacher_dtype)
     if cached:  # (a derived student was made from the whole teacher): keep its lm_head alone
@@ -95,8 +101,18 @@ def set_up_run(recipe: Recipe, options, ctx: DistContext, stop_flag: StopFlag):
         recipe.data.seq_len,
         reference=options.reference_loss,
     )
+    placement = teacher_placement(recipe, ctx, plan.teacher_config, plan.student_config)
+    if ctx.is_main and teacher is not None:
+        print(f"teacher placement: {placement} (parallel.teacher_placement: "
+              f"{recipe.parallel.teacher_placement})")  # fmt: skip
     distiller = Distiller(
-        teacher, student, recipe=recipe, ctx=ctx, loss_fn=loss_fn, vocab_size=plan.vocab_size
+        teacher,
+        student,
+        recipe=recipe,
+        ctx=ctx,
+        loss_fn=loss_fn,
+        vocab_size=plan.vocab_size,
+        teacher_placement=placement,
     )
     checkpoints = CheckpointManager(run_dir, ctx, recipe.checkpoint.keep)
     trainer = Trainer(

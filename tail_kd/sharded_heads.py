@@ -177,7 +177,7 @@ def group_loss(
         for name, value in (
             ("hidden", hidden.detach()),
             ("teacher_hidden", inputs.teacher_hidden),
-            ("labels", inputs.labels),
+            ("labels", inputs.labels.to(hidden.device, non_blocking=True)),  # NCCL: device only
         )
     }
     own, others = None, None

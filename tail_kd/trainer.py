@@ -43,8 +43,9 @@ from tail_kd.step_health import (
 
 __all__ = ["Trainer", "StepResult"]
 
-# What each micro-batch of a step contributes to the step's metrics (one all-reduce for all).
-ROW_SCALARS = (*STEP_SCALARS, "tokens")
+# What a step sums over its micro-batches and the ranks (one all-reduce for all): each micro-batch's
+# STEP_SCALARS (on the device), and the input tokens (counted on the host).
+STEP_SUMS = (*STEP_SCALARS, "tokens")
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,9 @@ class Trainer:
         The logged loss scalars are means over micro-batches and ranks, the same weighting the
         gradient gets (DeepSpeed divides each micro-batch's gradient by the accumulation steps).
         A skipped update comes with what was not finite (tail_kd/step_health.py).
+
+        Nothing in a micro-batch waits for the device (tests/test_host_syncs.py): the scalars stay
+        there until the step's one all-reduce and copy to the host.
         """
         engine = self.distiller.student
         start = time.perf_counter()
@@ -174,7 +178,8 @@ class Trainer:
         lr = engine.get_lr()[0]  # the scheduler moves on inside the last engine.step()
         inspect = self.skipped.inspect_next
         bad_parameters: list[str] = []
-        rows = []  # per micro-batch, ROW_SCALARS
+        rows = []  # per micro-batch, STEP_SCALARS
+        tokens = 0  # this rank's input tokens, counted on the host
         logged = self.collectives.totals() if self.collectives.enabled else None
         with self.faults.gradients(step, engine.module):
             for micro in range(self.accumulation):
@@ -185,11 +190,12 @@ class Trainer:
                 if inspect and micro == self.accumulation - 1:
                     bad_parameters = nonfinite_gradients(engine.module, self.ctx)
                 engine.step()
-                tokens = batch["attention_mask"].sum().to(loss.device)
-                scalars = {**out, "loss": loss, "tokens": tokens}  # the loss as stepped on
-                rows.append(torch.stack([scalars[name].detach().float() for name in ROW_SCALARS]))
+                tokens += int(batch["attention_mask"].sum())
+                scalars = {**out, "loss": loss}  # the loss as stepped on
+                rows.append(torch.stack([scalars[name].detach().float() for name in STEP_SCALARS]))
         per_micro_batch = torch.stack(rows)
-        totals = dict(zip(ROW_SCALARS, self.ctx.sum(per_micro_batch.sum(0)).tolist(), strict=True))
+        sums = torch.cat([per_micro_batch.sum(0), per_micro_batch.new_tensor([tokens])])
+        totals = dict(zip(STEP_SUMS, self.ctx.sum(sums).tolist(), strict=True))
         seconds = time.perf_counter() - start
         micro_batches = self.accumulation * self.ctx.world_size
         metrics = {name: totals[name] / micro_batches for name in STEP_SCALARS}
@@ -203,7 +209,7 @@ class Trainer:
             metrics.update(self.collectives.since(logged))
         if engine.was_step_applied():
             return StepResult(metrics, None)
-        mine = [dict(zip(ROW_SCALARS, row.tolist(), strict=True)) for row in per_micro_batch.cpu()]
+        mine = [dict(zip(STEP_SCALARS, row.tolist(), strict=True)) for row in per_micro_batch.cpu()]
         return StepResult(metrics, why_skipped(self.ctx, mine, bad_parameters, inspect))
 
     # -----------------------------------------------------------------------------------------
@@ -217,7 +223,12 @@ class Trainer:
         positions together, logged as eval/<name>."""
         recipe, ctx = self.recipe, self.ctx
         loader = DistillationLoader(
-            self.eval_set, recipe.train.micro_batch_size, ctx.rank, ctx.world_size, recipe.seed
+            self.eval_set,
+            recipe.train.micro_batch_size,
+            ctx.rank,
+            ctx.world_size,
+            recipe.seed,
+            pin_memory=ctx.device.type == "cuda",
         )
         metrics = TokenMetrics()
         self.distiller.student.eval()

@@ -92,11 +92,16 @@ def test_flops_match_torchs_flop_counter(cache, checkpointing):
 @pytest.fixture(scope="module")
 def logged_runs(cache, tmp_path_factory) -> dict:
     """Real runs with DeepSpeed's communication logger on: 2 ranks with gathered heads (2
-    micro-batches per step), 4 ranks with vocab-parallel heads (1 per step)."""
+    micro-batches per step), 4 ranks with vocab-parallel heads (1 per step), 2 ranks with a
+    replicated teacher (only the student's gathers)."""
     root = tmp_path_factory.mktemp("comms")
     logger = ["deepspeed.comms_logger.enabled=true", "train.steps=3", "eval.every=0",
               "checkpoint.every=0"]  # fmt: skip
-    cases = {"gathered-2": (2, []), "vocab-parallel-4": (4, ["parallel.vocab_parallel_size=2"])}
+    cases = {
+        "gathered-2": (2, []),
+        "vocab-parallel-4": (4, ["parallel.vocab_parallel_size=2"]),
+        "replicated-teacher-2": (2, ["parallel.teacher_placement=replicated"]),
+    }
     runs = {}
     for name, (ranks, sets) in cases.items():
         run = launch(root / name, cache, [*logger, *sets], ranks=ranks)
@@ -105,7 +110,7 @@ def logged_runs(cache, tmp_path_factory) -> dict:
     return runs
 
 
-@pytest.mark.parametrize("case", ["gathered-2", "vocab-parallel-4"])
+@pytest.mark.parametrize("case", ["gathered-2", "vocab-parallel-4", "replicated-teacher-2"])
 def test_bytes_per_step_match_deepspeeds_logger(cache, logged_runs, case):
     """Steps 2 and 3 (the first step gathers module by module while ZeRO-3 traces the model)."""
     ranks, sets, run = logged_runs[case]
@@ -152,3 +157,30 @@ def test_plan_refuses_a_gpu_it_does_not_know(capsys):
     recipe = REPO / "recipes" / "paper" / "qwen1.5-1.8b-to-1.2b.yaml"
     assert main([str(recipe), "--gpu", "h800x"]) == 2
     assert "--gpu h800x: name one of h100" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("memory, device, placement", [(80, "cuda", "replicated"),
+                                                        (12, "cuda", "zero3"), (80, "cpu", "zero3")])  # fmt: skip
+def test_auto_places_the_teacher_whole_when_it_fits(tmp_path, memory, device, placement):
+    """parallel.teacher_placement: auto, the paper's recipe on 8 GPUs: a whole bf16 teacher
+    (3.4 GiB) fits 80 GiB beside the rest, not 12 GiB (where the ZeRO-3 teacher does); CPU ranks
+    keep ZeRO-3. Replicated, the teacher's bytes leave the all-gathers."""
+    from tail_kd.memory_plan import main
+
+    recipe = REPO / "recipes" / "paper" / "qwen1.5-1.8b-to-1.2b.yaml"
+    out = tmp_path / "plan.json"
+    main([str(recipe), "--gpus", "8", "--gpu-memory", str(memory), "--device", device,
+          "--json", str(out)])  # fmt: skip
+    plan = json.loads(out.read_text())
+    assert plan["setup"]["teacher_placement"] == placement
+    forced = tmp_path / "forced.json"
+    other = "zero3" if placement == "replicated" else "replicated"
+    main([str(recipe), "--gpus", "8", "--gpu-memory", str(memory), "--device", device,
+          "--json", str(forced), "--set", f"parallel.teacher_placement={other}"])  # fmt: skip
+    gathered = {
+        name: json.loads(path.read_text())["time"]["logged_bytes_per_step"][
+            "all_gather_into_tensor"
+        ]
+        for name, path in ((placement, out), (other, forced))
+    }
+    assert gathered["replicated"] < gathered["zero3"]

@@ -93,3 +93,14 @@ def test_vocab_parallel_loss_over_nccl_equals_one_gpu(tmp_path):
         torch.testing.assert_close(grad_h, whole[1].cpu(), rtol=5e-2, atol=1e-3)
         expected = whole[2].cpu()[bounds[rank] : bounds[rank + 1]]
         torch.testing.assert_close(grad_w, expected, rtol=5e-2, atol=1e-3)
+
+
+def test_no_tail_kd_call_in_a_micro_batch_waits_for_the_device(tmp_path):
+    """tests/scripts/host_syncs.py on DEVICE: tail-kd's own syncing calls during training's
+    micro-batches (tests/test_host_syncs.py) all read host tensors, none a device tensor."""
+    from test_host_syncs import HOST_SIDE, count_host_syncs
+
+    found = count_host_syncs(tmp_path, device=DEVICE)
+    on_device = {key: n for key, n in found["tail_kd"].items() if not key.endswith(" cpu")}
+    assert not on_device, found
+    assert {key.rsplit(" ", 1)[0] for key in found["tail_kd"]} == HOST_SIDE

@@ -281,15 +281,16 @@ def test_bfloat16_rows_round_trip_and_a_written_entry_is_never_replaced(tmp_path
 
 def test_plan_states_the_disk_per_token_and_drops_the_teacher_backbone(tmp_path, capsys):
     """The paper's recipe (Qwen1.5-1.8B, H_t = 2048, bf16, its final states aligned: stored
-    once): 4 KiB per token; with cached states the teacher costs its lm_head's partition and the
-    states of the batch."""
+    once): 4 KiB per token; with cached states a ZeRO-3 teacher costs its lm_head's partition
+    and the states of the batch."""
     from tail_kd.memory_plan import main
 
     paper = REPO / "recipes" / "paper" / "qwen1.5-1.8b-to-1.2b.yaml"
     plans = {}
     for cached in (False, True):
         out = tmp_path / f"{cached}.json"
-        main([str(paper), "--json", str(out), "--set", f"teacher.cached_states={cached}"])
+        main([str(paper), "--json", str(out), "--set", f"teacher.cached_states={cached}",
+              "--set", "parallel.teacher_placement=zero3"])  # fmt: skip
         plans[cached] = json.loads(out.read_text())
     text = capsys.readouterr().out
     assert "teacher states on disk  4096 B per token" in text

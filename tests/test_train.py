@@ -11,6 +11,8 @@ runs are module fixtures shared by the tests that check them:
     vocab2   `full` with parallel.vocab_parallel_size=2, -> same curve and student as `full`
              stopped at step 4 and resumed
     4 ranks  an untied student, P = 1 and P = 2 (two groups of 2) -> same curve and student
+    replicated   `full` with parallel.teacher_placement=replicated, -> same curve and student
+                 stopped and resumed; and with P = 2                   as `full` (1e-5; P = 2 1e-4)
 
 All runs share one cache (tiny teacher, tokenised data), built by the first.
 """
@@ -266,21 +268,47 @@ CURVES = ("train/loss", "train/ce", "train/divergence", "train/grad_norm", "eval
 
 
 def assert_same_run(
-    reference: Run, other: Run, steps: int, tmp_path: Path, curves: tuple[str, ...] = CURVES
+    reference: Run,
+    other: Run,
+    steps: int,
+    tmp_path: Path,
+    curves: tuple[str, ...] = CURVES,
+    tolerance: float = 1e-4,
 ) -> None:
     """Same loss curve, gradient norms and held-out CE (`curves`), and the same final student, to
-    1e-4."""
+    `tolerance`."""
     other.assert_finished(steps)
     expected, got = reference.scalars(), other.scalars()
     for tag in curves:
         assert [step for step, _ in got[tag]] == [step for step, _ in expected[tag]], tag
         for (step, want), (_, value) in zip(expected[tag], got[tag]):
-            assert value == pytest.approx(want, rel=1e-4, abs=1e-6), (tag, step)
+            assert value == pytest.approx(want, rel=tolerance, abs=1e-6), (tag, step)
     want = final_student(reference, tmp_path / "reference")
     have = final_student(other, tmp_path / "other")
     assert sorted(have) == sorted(want)
     for name, tensor in want.items():
-        torch.testing.assert_close(have[name], tensor, rtol=0, atol=1e-4, msg=name)
+        torch.testing.assert_close(have[name], tensor, rtol=0, atol=tolerance, msg=name)
+
+
+def test_a_replicated_teacher_trains_the_same_student(workdir, full, tmp_path):
+    """parallel.teacher_placement: replicated (a whole teacher on each rank, no ZeRO-3 engine):
+    the same curves and exported student as `full`'s ZeRO-3 teacher to 1e-5, through a stop at
+    step 4 and a resume."""
+    sets = [*COMMON, "parallel.teacher_placement=replicated"]
+    stopped = launch(workdir / "replicated", workdir / "cache", sets, "--stop-after-steps", "4")
+    assert "teacher placement: replicated" in stopped.proc.stdout, stopped.output
+    resumed = launch(stopped.dir, workdir / "cache", sets, "--resume")
+    assert "resumed from" in resumed.proc.stdout, resumed.output
+    assert_same_run(full, resumed, STEPS, tmp_path, tolerance=1e-5)
+    assert "teacher placement: zero3 (parallel.teacher_placement: auto)" in full.proc.stdout
+
+
+def test_a_replicated_teacher_with_vocab_parallel_heads(workdir, full, tmp_path):
+    """The rows of a replicated teacher's lm_head are read where they are (no all_to_all)."""
+    sets = [*COMMON, "parallel.teacher_placement=replicated", "parallel.vocab_parallel_size=2"]
+    assert_same_run(
+        full, launch(workdir / "replicated-vp", workdir / "cache", sets), STEPS, tmp_path
+    )
 
 
 def test_vocab_parallel_heads_train_the_same_student(workdir, full, tmp_path):

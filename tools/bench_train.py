@@ -90,6 +90,7 @@ def main(argv=None):
     from tail_kd.distiller import Distiller, loss_function
     from tail_kd.heads import lm_head
     from tail_kd.pair import load_models, plan_models
+    from tail_kd.placement import teacher_placement
 
     plan = plan_models(recipe)
     train_set, _ = build_datasets(recipe.data, plan.tokenizer, recipe.data.cache_dir, recipe.seed)
@@ -104,6 +105,7 @@ def main(argv=None):
         ctx=ctx,
         vocab_size=plan.vocab_size,
         loss_fn=loss_function(recipe.loss, plan, device, recipe.data.seq_len),
+        teacher_placement=teacher_placement(recipe, ctx, plan.teacher_config, plan.student_config),
     )
     engine = distiller.student
     batches = [next(loader) for _ in range(args.steps + 1)]
@@ -129,7 +131,7 @@ def main(argv=None):
             hidden, *_ = distiller.teacher(
                 batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device)
             )
-            head = lm_head(distiller.teacher.module.model)
+            head = lm_head(distiller.teacher_model)
             with deepspeed.zero.GatheredParameters([head]):
                 torch.nn.functional.linear(hidden, head.data)
 
@@ -172,7 +174,7 @@ def main(argv=None):
     use_loss("none", k=None)  # CE without top-K diagnostics: the loss needs no teacher at all
     results["student_only"] = timed(student_only_step)
 
-    flops = step_flops(plan, teacher_engine.module.model.config, tokens, recipe.data.seq_len)
+    flops = step_flops(plan, distiller.teacher_model.config, tokens, recipe.data.seq_len)
     peak = args.peak_tflops or peak_tflops(device)
     print(
         f"\n{args.recipe}: micro-batch {recipe.train.micro_batch_size} x {recipe.data.seq_len} tokens, "

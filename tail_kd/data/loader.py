@@ -37,7 +37,10 @@ class DistillationLoader:
         rank: int,
         world_size: int,
         seed: int,
+        pin_memory: bool = False,
     ):
+        """`pin_memory`: batches in page-locked host memory (for GPUs: their copy to the device
+        then overlaps the work already queued there)."""
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
                 f"need micro_batch_size >= 1, world_size >= 1 and 0 <= rank < world_size; got "
@@ -54,6 +57,7 @@ class DistillationLoader:
         self.micro_batch_size = micro_batch_size
         self.rank = rank
         self.seed = seed
+        self.pin_memory = pin_memory
         self.epoch = 0
         self.position = 0  # examples of this epoch consumed by all ranks together
         self._order: torch.Tensor | None = None  # permutation of self.epoch, drawn when needed
@@ -76,7 +80,8 @@ class DistillationLoader:
         indices = self._order[start : start + self.micro_batch_size].tolist()
         self.position += self.global_batch
         items = [self.dataset[i] for i in indices]
-        return {name: torch.stack([item[name] for item in items]) for name in items[0]}
+        batch = {name: torch.stack([item[name] for item in items]) for name in items[0]}
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
     def state_dict(self) -> dict[str, Any]:
         """Where the next batch comes from; identical on every rank."""

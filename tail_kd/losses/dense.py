@@ -190,6 +190,7 @@ def dense_distillation_loss(
     padding, left out.
     """
     dtype = _compute_dtype(student_hidden)
+    labels = labels.to(student_hidden.device)  # the fused loss also takes host labels
     mask = labels != IGNORE_INDEX
     s_logits = student_transform((student_hidden @ student_weight[:vocab_size].T).to(dtype))
     t_logits = None
