@@ -11,8 +11,9 @@ its sequence length, the teacher's dtype and the states the loss reads; the stud
 weights and the optimizer do not matter). The caches a job fills (models, tokenised data) are
 filled first, before the process group. An entry already written is left as it is.
 
-Work split: the teacher is a ZeRO-3 inference engine as in training (its weights sharded over the
-ranks, every rank in every forward). Each split's N examples are cut into ceil(N / b) batches of
+Work split: the teacher is placed as in training (`parallel.teacher_placement`: a ZeRO-3 inference
+engine, its weights sharded over the ranks and every rank in every forward, or a whole copy per
+GPU). Each split's N examples are cut into ceil(N / b) batches of
 the recipe's micro-batch b; rank r computes batches r, r + W, r + 2W, ... and writes their rows
 into the shared, preallocated files; a rank short of a batch in the last round repeats its last
 one without writing it, so every rank runs the same number of forwards. Rank 0 holds the entry's
@@ -102,15 +103,16 @@ def _write(recipe, spec, ctx) -> None:
     from tail_kd.locks import exclusive_lock
     from tail_kd.models import load_causal_lm
     from tail_kd.pair import plan_models
+    from tail_kd.placement import teacher_placement
     from tail_kd.teacher_cache import StatesWriter
 
     plan = plan_models(recipe)
     prepared = prepare_datasets(recipe.data, plan.tokenizer, recipe.data.cache_dir, recipe.seed)
     splits = {"train": prepared.train, "eval": prepared.eval}
     teacher = load_causal_lm(plan.teacher_dir, spec.dtype)
-    engine = teacher_engine(
-        TeacherHiddenStates(teacher, tuple(spec.key["states"][1:])), recipe, ctx
-    )
+    module = TeacherHiddenStates(teacher, tuple(spec.key["states"][1:]))
+    placement = teacher_placement(recipe, ctx, plan.teacher_config, plan.student_config)
+    engine = teacher_engine(module, recipe, ctx, placement)
     batch_size, world = recipe.train.micro_batch_size, ctx.world_size
     with contextlib.ExitStack() as stack:
         folder = None

@@ -629,10 +629,11 @@ def run_dirs(paths: Sequence[str]) -> list[Path]:
     found = []
     for path in map(Path, paths):
         if Sweep.is_sweep_dir(path):
-            started = [d for d in Sweep.load(path).run_dirs() if complete_checkpoints(d)]
-            points = len(Sweep.load(path).points)
-            if len(started) < points:
-                print(f"{path}: {points - len(started)} of {points} points have no checkpoint yet")
+            every = Sweep.load(path).run_dirs()
+            started = [d for d in every if complete_checkpoints(d)]
+            if len(started) < len(every):
+                print(f"{path}: {len(every) - len(started)} of {len(every)} points have no "
+                      "checkpoint yet")  # fmt: skip
             found += started
         elif is_run_dir(path):
             found.append(path)
