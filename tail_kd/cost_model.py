@@ -37,6 +37,9 @@ Communication, per micro-batch, N ranks, as DeepSpeed's communication logger cou
                                                 `communication_data_type: fp32`)
     all-reduce       16 bytes per step          overflow and gradient-norm checks
 
+(The first step, and the first after each evaluation, gather more: ZeRO-3 records its module
+trace again there and fetches module by module.)
+
 On the wire a ring all-gather brings (N - 1) shards into each GPU (and sends as many out), a ring
 reduce-scatter (N - 1) / N of its input. Vocab-parallel heads (group of P) add exchanges that
 tail-kd makes through torch.distributed, which DeepSpeed's logger does not see (an estimate of

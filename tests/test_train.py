@@ -304,11 +304,26 @@ def test_a_replicated_teacher_trains_the_same_student(workdir, full, tmp_path):
 
 
 def test_a_replicated_teacher_with_vocab_parallel_heads(workdir, full, tmp_path):
-    """The rows of a replicated teacher's lm_head are read where they are (no all_to_all)."""
+    """The rows of a replicated teacher's lm_head are read where they are (no all_to_all). With
+    DeepSpeed's communication logger on (it changes no number), each step's all-gathers are the
+    student's alone, as `tail-kd plan`'s time model says (tail_kd/cost_model.py)."""
+    from tail_kd.cost_model import Hardware, step_cost
+    from tail_kd.memory_plan import model_shape, plan_configs, setup_of
+
     sets = [*COMMON, "parallel.teacher_placement=replicated", "parallel.vocab_parallel_size=2"]
-    assert_same_run(
-        full, launch(workdir / "replicated-vp", workdir / "cache", sets), STEPS, tmp_path
-    )
+    logged = [*sets, "deepspeed.comms_logger.enabled=true"]
+    run = launch(workdir / "replicated-vp", workdir / "cache", logged)
+    assert_same_run(full, run, STEPS, tmp_path)
+    recipe = load_recipe(RECIPE, [f"cache_dir={workdir / 'cache'}", *sets])
+    teacher, student = plan_configs(recipe)
+    setup = setup_of(recipe, device="cpu", gpus=2, gpus_per_node=2)
+    cost = step_cost(model_shape(student), model_shape(teacher), setup, Hardware())
+    predicted = cost["logged_bytes_per_step"]["all_gather_into_tensor"]
+    # Not the first step, nor the first after an evaluation (eval.every 4): ZeRO-3 records its
+    # module trace again there, gathering module by module.
+    every = run.scalars()["comm/all_gather_into_tensor"]
+    measured = [v for step, v in every if step != 1 and (step - 1) % 4 != 0]
+    assert len(measured) == 6 and all(v == pytest.approx(predicted, rel=0.10) for v in measured)
 
 
 def test_vocab_parallel_heads_train_the_same_student(workdir, full, tmp_path):
