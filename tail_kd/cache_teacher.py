@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import math
 import os
-import subprocess
 import sys
 from typing import Sequence
 
@@ -155,9 +154,8 @@ def _write(recipe, spec, ctx) -> None:
 
 def _launch(recipe_path: str, overrides: Sequence[str], nproc: int) -> int:
     """`run` on `nproc` local ranks through the DeepSpeed launcher (as `tail-kd train --nproc`)."""
-    from tail_kd.cli import CPU_MALLOC
+    from tail_kd.cli import launch_ranks
     from tail_kd.distributed import resolve_device
-    from tail_kd.topology import free_port
 
     try:
         recipe = load_recipe(recipe_path, overrides)
@@ -166,16 +164,8 @@ def _launch(recipe_path: str, overrides: Sequence[str], nproc: int) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    env = dict(os.environ)
-    if device == "cpu":
-        env.update(DS_ACCELERATOR="cpu", **{k: v for k, v in CPU_MALLOC.items() if k not in env})
-    command = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-        "--master_port", str(free_port()), "--module", "tail_kd.cache_teacher", recipe_path,
-    ]  # fmt: skip
-    for override in overrides:
-        command += ["--set", override]
-    return subprocess.run(command, env=env).returncode
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    return launch_ranks("tail_kd.cache_teacher", [recipe_path, *sets], nproc, device).wait()
 
 
 if __name__ == "__main__":

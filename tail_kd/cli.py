@@ -31,7 +31,7 @@ from typing import Sequence
 
 import psutil
 
-__all__ = ["main", "CPU_MALLOC"]
+__all__ = ["main", "CPU_MALLOC", "launch_ranks"]
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -92,7 +92,6 @@ def _train(argv: list[str]) -> int:
     from tail_kd.config import RecipeError
     from tail_kd.exit_status import EXIT_USAGE
     from tail_kd.run_dir import read_done
-    from tail_kd.topology import free_port
 
     parser = train.build_parser(prog="tail-kd train")
     parser.add_argument(
@@ -110,14 +109,9 @@ def _train(argv: list[str]) -> int:
         return EXIT_USAGE
     from tail_kd.distributed import resolve_device
 
-    env = dict(os.environ)
-    if resolve_device(recipe.device) == "cpu":
-        env.update(DS_ACCELERATOR="cpu", **{k: v for k, v in CPU_MALLOC.items() if k not in env})
-    command = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-        "--master_port", str(free_port()), "--module", "tail_kd.train", *_without_nproc(argv),
-    ]  # fmt: skip
-    launcher = subprocess.Popen(command, env=env)
+    launcher = launch_ranks(
+        "tail_kd.train", _without_nproc(argv), nproc, resolve_device(recipe.device)
+    )
     _forward_signals_to_ranks(launcher)
     status = launcher.wait()
     if status == 0 and recipe.eval.tasks and read_done(Path(recipe.output_dir)) is not None:
@@ -125,6 +119,21 @@ def _train(argv: list[str]) -> int:
 
         return eval_main([recipe.output_dir, "--final"])  # the recipe's benchmarks
     return status
+
+
+def launch_ranks(module: str, argv: list[str], nproc: int, device: str) -> subprocess.Popen:
+    """`python -m module argv` on `nproc` local ranks through the DeepSpeed launcher (started,
+    not waited for), with `DS_ACCELERATOR=cpu` and `CPU_MALLOC` (unless set) on the CPU."""
+    from tail_kd.topology import free_port
+
+    env = dict(os.environ)
+    if device == "cpu":
+        env.update(DS_ACCELERATOR="cpu", **{k: v for k, v in CPU_MALLOC.items() if k not in env})
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+        "--master_port", str(free_port()), "--module", module, *argv,
+    ]  # fmt: skip
+    return subprocess.Popen(command, env=env)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
