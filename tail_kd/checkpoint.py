@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import json
 import os
 import random
 import re
@@ -55,7 +54,9 @@ from tail_kd.run_dir import (
     UNFINISHED_DIR,
     Checkpoint,
     complete_checkpoints,
+    fsync,
     step_dir_name,
+    write_json,
 )
 
 __all__ = [
@@ -142,10 +143,10 @@ class CheckpointManager:
             raise CheckpointWriteError(tmp, error, self._newest()) from error
         try:
             if self.ctx.is_main:
-                _write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})
-            _write_json(tmp / RANK_STATE_DIR / f"rank-{self.ctx.rank:05d}.json", rank_state)
+                write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})
+            write_json(tmp / RANK_STATE_DIR / f"rank-{self.ctx.rank:05d}.json", rank_state)
             for path in written_by(tmp, self.ctx.rank):
-                _fsync(path)
+                fsync(path)
         except OSError as error:
             failure = error
         self._agree_or_raise(failure, tmp)
@@ -155,9 +156,9 @@ class CheckpointManager:
                 # A folder of this step without COMPLETE is an interrupted attempt's: replace it.
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
-                _fsync(self.root)
-                _write_json(final / COMPLETE_MARKER, {"step": step})
-                _fsync(final)
+                fsync(self.root)
+                write_json(final / COMPLETE_MARKER, {"step": step})
+                fsync(final)
             except OSError as error:
                 failure = error
                 shutil.rmtree(final, ignore_errors=True)  # never leave a half-marked folder
@@ -258,13 +259,6 @@ def _decode_bytes(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # The rank in the name of a file one rank writes: DeepSpeed's ZeRO files
 # (zero_pp_rank_<r>_mp_rank_00_*.pt) and our rank state (rank-<r>.json).
 _RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_|^rank-)(\d+)")
@@ -292,12 +286,3 @@ def _size(root: Path) -> int:
         for dirpath, _, names in os.walk(root)
         for name in names
     )
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries (a rename, a new file), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -43,6 +43,7 @@ __all__ = [
     "read_done",
     "write_done",
     "write_json",
+    "fsync",
     "check_output_dir",
     "clear_output_dir",
     "run_status",
@@ -145,6 +146,15 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder's entries (a rename, a new file), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from tail_kd.config import LossConfig, Recipe, RecipeError
 from tail_kd.data.cache import file_digest, fingerprint
 from tail_kd.hidden_alignment import aligned_pairs
 from tail_kd.locks import in_progress_name
+from tail_kd.run_dir import fsync, write_json
 
 __all__ = [
     "STATES_KEY",
@@ -253,11 +254,7 @@ class StatesWriter:
     def sync(self) -> None:
         """This process's writes on disk (call it before `commit` is called anywhere)."""
         for split in self.spec.shapes:
-            fd = os.open(self.spec.file(self.folder, split), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync(self.spec.file(self.folder, split))
 
     def commit(self) -> None:
         """The manifest, then the folder renamed into the entry (it must not exist yet)."""
@@ -273,10 +270,7 @@ class StatesWriter:
             "splits": splits,
             "bytes_per_token": self.spec.bytes_per_token,
         }
-        path = self.folder / MANIFEST
-        path.write_text(json.dumps(manifest, indent=2))
-        with open(path) as file:
-            os.fsync(file.fileno())
+        write_json(self.folder / MANIFEST, manifest)
         os.rename(self.folder, self.spec.entry)
 
 
