@@ -390,6 +390,11 @@ class Recipe:
         except RecipeError as error:
             raise RecipeError(f"{origin}: {error}") from None
 
+    @property
+    def cached_teacher_states(self) -> bool:
+        """Whether the teacher's hidden states come from `tail-kd cache-teacher`'s cache."""
+        return self.teacher is not None and self.teacher.cached_states
+
     def notes(self) -> list[str]:
         """What to know before reading this recipe's numbers (a run prints it first and last)."""
         notes = []

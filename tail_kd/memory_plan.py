@@ -229,7 +229,7 @@ def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> S
         persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
         gradient_bytes=4 if ds_config.get("communication_data_type") == "fp32" else student_bytes,
         teacher_placement=recipe.parallel.teacher_placement,
-        cached_states=recipe.teacher is not None and recipe.teacher.cached_states,
+        cached_states=recipe.cached_teacher_states,
     )
 
 

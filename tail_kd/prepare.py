@@ -69,7 +69,7 @@ def prepare(recipe: Recipe, *, check: bool) -> list[Item]:
         if tokenizer_item.ready
         else Item("data", f"needs the {tokenizer_item.name}'s tokenizer", False)
     )
-    if recipe.teacher is not None and recipe.teacher.cached_states:
+    if recipe.cached_teacher_states:
         data_item = items[-1]
         items.append(
             _states_item(recipe)

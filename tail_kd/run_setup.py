@@ -77,7 +77,7 @@ def set_up_run(recipe: Recipe, options, ctx: DistContext, stop_flag: StopFlag):
     prepared = prepare_datasets(recipe.data, plan.tokenizer, recipe.data.cache_dir, recipe.seed)
     train_set, eval_set = prepared.train, prepared.eval
     teacher_dtype = model_dtype(recipe.teacher.dtype if recipe.teacher else "auto", ctx.device.type)
-    cached = recipe.teacher is not None and recipe.teacher.cached_states
+    cached = recipe.cached_teacher_states
     if cached:  # the teacher's states come with each example (tail_kd/teacher_cache.py)
         spec = cache_spec(recipe, plan, prepared, teacher_dtype)
         train_set, eval_set = with_teacher_states(spec, train_set, eval_set)

@@ -313,10 +313,10 @@ class TeacherHead(nn.Module):
     widths and layers the alignment reads). Everything the loss, the head sources and the
     metrics ask a teacher for (`get_output_embeddings`, `config`) it answers as the whole model.
 
-    It lives in the teacher's ZeRO-3 inference engine like the whole teacher did, so each rank
-    keeps V H_t / N of it and the head sources (tail_kd/heads.py) read it unchanged: gathered
-    around each forward, or this rank's row shard read once from the partitions (vocab-parallel
-    heads, which need a partitioned weight).
+    It is placed like the whole teacher (`parallel.teacher_placement`, tail_kd/placement.py), and
+    the head sources (tail_kd/heads.py) read it unchanged: in a ZeRO-3 inference engine each rank
+    keeps V H_t / N of it, gathered around each forward or, with vocab-parallel heads, its row
+    shard read once from the partitions; replicated, every rank holds it whole.
     """
 
     def __init__(self, teacher: nn.Module):
