@@ -249,10 +249,11 @@ class Distiller:
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Teacher hidden states (no autograd), then the student's loss forward: one micro-batch.
         The loss gets the host's labels (`batch` as the loader made it): it works out the valid
-        tokens there, with no device synchronisation (tail_kd/losses/fused.py)."""
-        on_device = self._on_device(batch)
-        input_ids, attention_mask = on_device["input_ids"], on_device["attention_mask"]
+        tokens there, with no device synchronisation (tail_kd/losses/fused.py); only the hidden
+        alignment copies them to the device (`StudentWithLoss`)."""
         labels = batch["labels"]
+        on_device = self._on_device({k: v for k, v in batch.items() if k != "labels"})
+        input_ids, attention_mask = on_device["input_ids"], on_device["attention_mask"]
         if self.teacher is None:
             return self.student(input_ids, attention_mask, labels, None, None)
         with torch.no_grad():
