@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import json
 import os
 import random
 import re
@@ -56,7 +57,6 @@ from tail_kd.run_dir import (
     complete_checkpoints,
     fsync,
     step_dir_name,
-    write_json,
 )
 
 __all__ = [
@@ -143,8 +143,8 @@ class CheckpointManager:
             raise CheckpointWriteError(tmp, error, self._newest()) from error
         try:
             if self.ctx.is_main:
-                write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})
-            write_json(tmp / RANK_STATE_DIR / f"rank-{self.ctx.rank:05d}.json", rank_state)
+                _write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})
+            _write_json(tmp / RANK_STATE_DIR / f"rank-{self.ctx.rank:05d}.json", rank_state)
             for path in written_by(tmp, self.ctx.rank):
                 fsync(path)
         except OSError as error:
@@ -157,7 +157,7 @@ class CheckpointManager:
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
                 fsync(self.root)
-                write_json(final / COMPLETE_MARKER, {"step": step})
+                _write_json(final / COMPLETE_MARKER, {"step": step})
                 fsync(final)
             except OSError as error:
                 failure = error
@@ -253,6 +253,15 @@ def _jsonable(value: Any) -> Any:
 
 def _encode_bytes(tensor: torch.Tensor) -> str:
     return base64.b64encode(tensor.numpy().tobytes()).decode("ascii")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """In place, not through a temporary file (the folder is published whole by its rename):
+    another rank listing the folder (`written_by`) must never meet a file about to be renamed."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _decode_bytes(text: str) -> torch.Tensor:

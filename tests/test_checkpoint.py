@@ -117,7 +117,7 @@ def test_write_errors_name_the_folder_and_keep_the_previous_checkpoint(
     manager = CheckpointManager(tmp_path, single_process(), keep=2)
     save(manager, 1)
     engine = FakeEngine(2, disk_full=where == "engine")
-    real_write = checkpoint_module.write_json
+    real_write = checkpoint_module._write_json
 
     def failing_write(path, obj):
         if (where == "trainer_state" and path.name == "trainer_state.json") or (
@@ -126,7 +126,7 @@ def test_write_errors_name_the_folder_and_keep_the_previous_checkpoint(
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, obj)
 
-    monkeypatch.setattr(checkpoint_module, "write_json", failing_write)
+    monkeypatch.setattr(checkpoint_module, "_write_json", failing_write)
     with pytest.raises(CheckpointWriteError) as error:
         manager.save(engine, 2, {"world_size": 1}, {})
     message = str(error.value)
