@@ -102,7 +102,7 @@ def _write(recipe, spec, ctx) -> None:
     from tail_kd.locks import exclusive_lock
     from tail_kd.models import load_causal_lm
     from tail_kd.pair import plan_models
-    from tail_kd.placement import teacher_placement
+    from tail_kd.placement import choose_placement
     from tail_kd.teacher_cache import StatesWriter
 
     plan = plan_models(recipe)
@@ -110,8 +110,8 @@ def _write(recipe, spec, ctx) -> None:
     splits = {"train": prepared.train, "eval": prepared.eval}
     teacher = load_causal_lm(plan.teacher_dir, spec.dtype)
     module = TeacherHiddenStates(teacher, tuple(spec.key["states"][1:]))
-    placement = teacher_placement(recipe, ctx, plan.teacher_config, plan.student_config)
-    engine = teacher_engine(module, recipe, ctx, placement)
+    placement = choose_placement(recipe, ctx, plan.teacher_config, plan.student_config)
+    engine = teacher_engine(module, recipe, ctx, placement.teacher)
     batch_size, world = recipe.train.micro_batch_size, ctx.world_size
     with contextlib.ExitStack() as stack:
         folder = None

@@ -314,6 +314,17 @@ class ParallelConfig:
     # the ranks (gathered at every forward), replicated keeps a whole copy on every GPU (no
     # gathers), auto takes replicated when `tail-kd plan`'s estimate fits the GPUs (zero3 on CPU).
     teacher_placement: Literal["auto", "replicated", "zero3"] = "auto"
+    # The student's ZeRO stage (tail_kd/placement.py): 3 partitions its weights too (gathered at
+    # every forward), 2 keeps them whole and partitions gradients and optimizer states, 1 only the
+    # optimizer states; auto takes the fastest that `tail-kd plan`'s estimate fits (3 on CPU).
+    student_zero_stage: Literal["auto", 1, 2, 3] = "auto"
+
+    def __post_init__(self) -> None:
+        problem = vocab_parallel_problem(
+            self.vocab_parallel_size, student_zero_stage=self.student_zero_stage
+        )
+        if problem:
+            raise RecipeError(problem)
 
 
 @dataclass(kw_only=True)  # keyword-only: required sections can sit in schema order
@@ -448,13 +459,15 @@ def vocab_parallel_problem(
     offloaded: Sequence[str] = (),
     reference_loss: bool = False,
     vocab_size: int | None = None,
+    student_zero_stage: int | str = "auto",
 ) -> str | None:
     """Why `parallel.vocab_parallel_size: size` cannot run in a set-up, or None if it can.
 
     The rules, each written only here; callers pass what they know when they know it:
     - groups are `size` consecutive ranks: `size` divides the world size;
     - a group sits on one node: `size` divides the ranks per node;
-    - the rows are read from ZeRO-3's partitions on the device: no ZeRO offload;
+    - the rows are read from ZeRO-3's partitions on the device: no ZeRO offload, and a ZeRO-3
+      student (`parallel.student_zero_stage` 3 or auto, which then takes 3);
     - `--reference-loss` makes full logits on every rank: not with vocab-parallel heads;
     - every member holds at least one row: `size` <= the vocabulary.
     """
@@ -475,6 +488,12 @@ def vocab_parallel_problem(
         return (
             f"{key} cannot be combined with deepspeed.zero_optimization.{offloaded[0]} "
             "(vocab-parallel heads read ZeRO-3's partitions on the device); set one of them off"
+        )
+    if student_zero_stage not in (3, "auto"):
+        return (
+            f"{key} cannot be combined with parallel.student_zero_stage: {student_zero_stage} "
+            "(vocab-parallel heads read the rows of ZeRO-3's partitions); set the stage to 3 "
+            "or auto"
         )
     if reference_loss:
         return (
@@ -678,12 +697,12 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
         raise _FieldError(path, f"expected {_describe(hint)}, got {_show(value)}")
     if origin is Literal:
         choices = typing.get_args(hint)
-        if value in choices:
+        if any(value == c and type(value) is type(c) for c in choices):  # `true` is not 1
             return value
-        close = difflib.get_close_matches(str(value), choices, n=1)
+        close = difflib.get_close_matches(str(value), list(map(str, choices)), n=1)
         hint_text = f" (did you mean {close[0]!r}?)" if close else ""
         raise _FieldError(
-            path, f"expected one of {', '.join(choices)}; got {_show(value)}{hint_text}"
+            path, f"expected one of {', '.join(map(str, choices))}; got {_show(value)}{hint_text}"
         )
     if hint is bool:
         ok = isinstance(value, bool)

@@ -1,7 +1,7 @@
 """What a training step costs in time, before anything runs: FLOPs, bytes on the wire, seconds, and
 the GPU-hours of a token budget. The time half of `tail-kd plan` (memory_plan.py is the memory
-half); it models the placements tail-kd trains with: a ZeRO-3 student, and a ZeRO-3 or replicated
-teacher (`parallel.teacher_placement`).
+half); it models the placements tail-kd trains with (tail_kd/placement.py): a ZeRO-1, 2 or 3
+student, and a ZeRO-3 or replicated teacher.
 
 FLOPs (matmuls: what tensor cores do; the elementwise work of norms, activations and the loss
 is left to the MFU). For a decoder of L layers, width H, query width H_q, MLP and projection
@@ -19,29 +19,36 @@ matmul weights N_lin (all layers), sequences of T tokens and V lm_head rows, per
                          and in the same fused pass the gradients of its hidden states and of its
                          lm_head weight: tail_kd/losses/fused.py)
 
-Communication, per micro-batch, N ranks, as DeepSpeed's communication logger counts a collective
-(`deepspeed.comms_logger`: an all-gather by one rank's shard, a reduce-scatter by its whole input):
+Communication, N ranks, b micro-batches accumulated per optimizer step, as DeepSpeed's
+communication logger counts a collective (`deepspeed.comms_logger`: an all-gather by one rank's
+shard, a reduce-scatter or all-reduce by its whole input). Per micro-batch, the ZeRO-3 teacher:
 
-    all-gather       (d_t G_t + d G_s) / N     G = the parameters ZeRO-3 gathers:
-                     G_t = P_t - persistent_t + [gathered heads, tied] V H_t - [vocab-parallel,
-                           untied] V H_t   (the teacher's forward; its lm_head again for the loss
-                           when it is the input embedding, released after the forward)
-                     G_s = P_s - persistent_s - [vocab-parallel, untied] V H_s  (once: DeepSpeed
-                           keeps the student's parameters from the forward for the backward)
-                     with teacher.cached_states the teacher engine holds its lm_head alone:
-                     G_t = V H_t with gathered heads, 0 vocab-parallel; with
-                     parallel.teacher_placement replicated G_t = 0
-                     persistent = tensors of at most `stage3_param_persistence_threshold` elements
-                     (kept whole on every rank), d, d_t = bytes per element
-    reduce-scatter   g P_s                      the student's gradients (g: bf16 unless
-                                                `communication_data_type: fp32`)
-    all-reduce       16 bytes per step          overflow and gradient-norm checks
+    all-gather       d_t G_t / N               G_t = P_t - persistent_t + [gathered heads, tied]
+                                               V H_t - [vocab-parallel, untied] V H_t (the
+                     teacher's forward; its lm_head again for the loss when it is the input
+                     embedding, released after the forward); with teacher.cached_states the
+                     engine holds its lm_head alone: G_t = V H_t with gathered heads, 0
+                     vocab-parallel; with parallel.teacher_placement replicated G_t = 0
 
+and the student, by `parallel.student_zero_stage`:
+
+    ZeRO-3  per micro-batch  all-gather d G_s / N, G_s = P_s - persistent_s - [vocab-parallel,
+                             untied] V H_s (once: DeepSpeed keeps the student's parameters from
+                             the forward for the backward); reduce-scatter g P_s
+            per step         all-reduce 16 bytes (overflow and gradient-norm checks)
+    ZeRO-2  per micro-batch  all-reduce g P_s (DeepSpeed reduces stage-2 gradient buckets with
+                             all-reduces, each rank keeping its partition)
+            per step         all-gather d P_s / N (the updated weights), all-reduce 8 bytes
+    ZeRO-1  per step         all-reduce g P_s (the gradients accumulated locally), all-gather
+                             d P_s / N, all-reduce 8 bytes
+
+persistent = tensors of at most `stage3_param_persistence_threshold` elements (kept whole on
+every rank); d, d_t = bytes per element; g: bf16 unless `communication_data_type: fp32`.
 (The first step, and the first after each evaluation, gather more: ZeRO-3 records its module
 trace again there and fetches module by module.)
 
 On the wire a ring all-gather brings (N - 1) shards into each GPU (and sends as many out), a ring
-reduce-scatter (N - 1) / N of its input. Vocab-parallel heads (group of P) add exchanges that
+reduce-scatter (N - 1) / N of its input, a ring all-reduce twice that. Vocab-parallel heads (group of P) add exchanges that
 tail-kd makes through torch.distributed, which DeepSpeed's logger does not see (an estimate of
 what each rank receives per micro-batch: the two row shards and the student's row gradient,
 V (d_t H_t + d H_s + g H_s) / P; the group's hidden states, (P - 1) b T (d H_s + d_t H_t); the
@@ -50,9 +57,9 @@ P (K + 8) b T 4 bytes).
 
 Time per optimizer step: compute = FLOPs per GPU / (peak x MFU), communication = bytes each GPU
 receives / bandwidth per direction (within a node NVLink's; across nodes the network's share per
-GPU, which bounds a ring through every GPU); the step is max(compute, communication) when ZeRO-3's
-prefetching hides the gathers behind compute, their sum when it does not. One GPU communicates
-nothing. With cached teacher states the job also reads S H_t d_t bytes per token from disk: the
+GPU, which bounds a ring through every GPU); the step is max(compute, communication) when
+prefetching and bucketing hide the collectives behind compute, their sum when they do not. One
+GPU communicates nothing. With cached teacher states the job also reads S H_t d_t bytes per token from disk: the
 plan states the rate per node the step time implies.
 
 Checked by tests/test_cost_model.py: the FLOPs against torch's FLOP counter on a real forward and
@@ -73,7 +80,7 @@ __all__ = [
     "GPUS",
     "forward_flops_per_token",
     "micro_batch_flops",
-    "micro_batch_bytes",
+    "step_bytes",
     "step_cost",
 ]
 
@@ -120,13 +127,14 @@ def micro_batch_flops(
     return parts
 
 
-def micro_batch_bytes(
-    student: ModelShape, teacher: ModelShape, setup: Setup, micro_batch: int, top_k: int = 10
+def step_bytes(
+    student: ModelShape, teacher: ModelShape, setup: Setup, top_k: int = 10
 ) -> dict[str, dict[str, float]]:
-    """Bytes of one micro-batch's collectives: `logged` as DeepSpeed's logger counts them (by
-    collective) and `wire`, what each GPU receives (and sends: a ring is symmetric) over its
-    links (by collective, and `total`)."""
+    """Bytes of one optimizer step's collectives (module docstring): `logged` as DeepSpeed's
+    logger counts them (by collective) and `wire`, what each GPU receives (and sends: a ring is
+    symmetric) over its links (by collective, and `total`)."""
     n, d, d_t, g = setup.gpus, setup.student_bytes, setup.teacher_bytes, setup.gradient_bytes
+    accumulation = setup.global_batch_size // (setup.micro_batch_size * n)
     vocab_parallel = setup.vocab_parallel_size > 1
     head_t, head_s = teacher.vocab_rows * teacher.hidden, student.vocab_rows * student.hidden
     if setup.teacher_placement == "replicated":  # whole on every GPU: nothing to gather
@@ -139,17 +147,24 @@ def micro_batch_bytes(
             (teacher.tied_lm_head and not vocab_parallel)
             - (vocab_parallel and not teacher.tied_lm_head)
         )
-    gathered_s = student.parameters - student.persistent_parameters(setup.persistence_threshold)
-    gathered_s -= head_s * (vocab_parallel and not student.tied_lm_head)
+    p_s, stage = student.parameters, setup.student_zero_stage  # auto: 3 until chosen
     logged, wire = {}, {}
-    if n > 1:
-        logged["all_gather_into_tensor"] = (d_t * gathered_t + d * gathered_s) / n
-        logged["reduce_scatter_tensor"] = g * student.parameters
-        wire["all_gather_into_tensor"] = (n - 1) * logged["all_gather_into_tensor"]
+    if n > 1 and stage not in (1, 2):
+        gathered_s = p_s - student.persistent_parameters(setup.persistence_threshold)
+        gathered_s -= head_s * (vocab_parallel and not student.tied_lm_head)
+        logged["all_gather_into_tensor"] = accumulation * (d_t * gathered_t + d * gathered_s) / n
+        logged["reduce_scatter_tensor"] = accumulation * g * p_s
+        logged["all_reduce"] = 16.0
         wire["reduce_scatter_tensor"] = (n - 1) / n * logged["reduce_scatter_tensor"]
+    elif n > 1:  # ZeRO-1/2: the updated weights once; the gradients per step or micro-batch
+        logged["all_gather_into_tensor"] = accumulation * d_t * gathered_t / n + d * p_s / n
+        logged["all_reduce"] = (accumulation if stage == 2 else 1) * g * p_s + 8.0
+        wire["all_reduce"] = 2 * (n - 1) / n * logged["all_reduce"]
+    if n > 1:
+        wire["all_gather_into_tensor"] = (n - 1) * logged["all_gather_into_tensor"]
     if vocab_parallel:
-        p, tokens = setup.vocab_parallel_size, micro_batch * setup.seq_len
-        wire["vocab_parallel"] = (
+        p, tokens = setup.vocab_parallel_size, setup.micro_batch_size * setup.seq_len
+        wire["vocab_parallel"] = accumulation * (
             (d_t * head_t + (d + g) * head_s) / p  # row shards in, the row gradient out
             + (p - 1) * tokens * (d * student.hidden + d_t * teacher.hidden)
             + 2 * (p - 1) * tokens * student.hidden * 4
@@ -172,12 +187,9 @@ def step_cost(
     budget of `tokens` the steps, GPU-hours and wall-clock days."""
     accumulation = setup.global_batch_size // (setup.micro_batch_size * setup.gpus)
     flops = micro_batch_flops(student, teacher, setup, setup.micro_batch_size)
-    traffic = micro_batch_bytes(student, teacher, setup, setup.micro_batch_size, top_k)
+    traffic = step_bytes(student, teacher, setup, top_k)
     step_flops = {name: accumulation * value for name, value in flops.items()}
-    logged = {name: accumulation * value for name, value in traffic["logged"].items()}
-    if setup.gpus > 1:
-        logged["all_reduce"] = 16.0
-    wire = accumulation * traffic["wire"]["total"]
+    logged, wire = traffic["logged"], traffic["wire"]["total"]
     nodes = setup.gpus // setup.gpus_per_node
     bandwidth = (hardware.inter_node_gbps if nodes > 1 else hardware.intra_node_gbps) * 1e9
     compute = step_flops["total"] / (hardware.peak_tflops * 1e12 * hardware.mfu)

@@ -61,6 +61,12 @@ RECIPE_OWNED_KEYS = {
 
 def check_deepspeed_overrides(extra: Mapping[str, Any]) -> None:
     """Raise RecipeError for a `deepspeed:` key DeepSpeed does not know or the recipe owns."""
+    if "stage" in (extra.get("zero_optimization") or {}):
+        raise RecipeError(
+            "deepspeed.zero_optimization.stage: set by the recipe; use "
+            "parallel.student_zero_stage (1, 2, 3 or auto) for the student, and "
+            "parallel.teacher_placement for the teacher"
+        )
     for key in extra:
         if key in RECIPE_OWNED_KEYS:
             raise RecipeError(
@@ -89,6 +95,12 @@ def check_deepspeed_config(recipe: Recipe, world_size: int, device: str) -> dict
     from deepspeed.runtime.config import DeepSpeedConfig
 
     config = student_config(recipe, world_size, device)
+    stage = recipe.parallel.student_zero_stage
+    if stage in (1, 2) and "offload_param" in offloaded(config):
+        raise RecipeError(
+            f"parallel.student_zero_stage: {stage} cannot offload parameters "
+            "(deepspeed.zero_optimization.offload_param is ZeRO-3's); set the stage to 3 or auto"
+        )
     try:
         DeepSpeedConfig(copy.deepcopy(config))
     except pydantic.ValidationError as error:
@@ -140,8 +152,13 @@ def model_dtype(setting: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
 
 
-def student_config(recipe: Recipe, world_size: int, device: str) -> dict[str, Any]:
-    """The student engine's DeepSpeed config: ZeRO-3, AdamW, clipping, batch split, precision.
+def student_config(
+    recipe: Recipe, world_size: int, device: str, zero_stage: int | None = None
+) -> dict[str, Any]:
+    """The student engine's DeepSpeed config: ZeRO stage, AdamW, clipping, batch split, precision.
+
+    The stage is `zero_stage`, else `parallel.student_zero_stage`, with `auto` taken as 3 (the
+    run passes what it chose: tail_kd/placement.py).
 
     In bf16 the gradients are accumulated over micro-batches in float32 (`data_types.
     grad_accum_dtype`; DeepSpeed's default would be the model's bf16, which loses the small
@@ -174,20 +191,27 @@ def student_config(recipe: Recipe, world_size: int, device: str) -> dict[str, An
         },
         "bf16": {"enabled": bf16},
         "data_types": {"grad_accum_dtype": "fp32"},
-        "zero_optimization": {"stage": 3},
+        "zero_optimization": {"stage": zero_stage or _stage(recipe.parallel.student_zero_stage)},
         "steps_per_print": 2**31 - 1,  # the trainer logs; silence DeepSpeed's own step lines
         "wall_clock_breakdown": False,
     }
     return _merge(config, recipe.deepspeed)
 
 
+def _stage(setting: int | str) -> int:
+    """A `parallel.student_zero_stage` setting as a stage: auto is 3 until the run has chosen."""
+    return 3 if setting == "auto" else setting
+
+
 def teacher_config(student: Mapping[str, Any], teacher_dtype: torch.dtype) -> dict[str, Any]:
-    """The teacher's inference-engine config: the student's batch split and ZeRO-3 settings.
+    """The teacher's inference-engine config: ZeRO-3 with the student's batch split and ZeRO
+    settings, whatever the student's stage.
 
     Optimizer offload has no meaning without an optimizer and is dropped; parameter offload and
     the stage-3 bucket/persistence settings carry over.
     """
     zero = {k: v for k, v in student["zero_optimization"].items() if k != "offload_optimizer"}
+    zero["stage"] = 3
     keys = (
         "train_batch_size",
         "train_micro_batch_size_per_gpu",

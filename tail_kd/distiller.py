@@ -8,7 +8,8 @@ instead (tail_kd/teacher_cache.py) and the engine holds the teacher's lm_head al
 (`TeacherHead`): no teacher forward. A recipe without a teacher (CE only) has none: no engine, no
 forward, no lm_head, no teacher metrics.
 
-Student: a ZeRO-3 training engine around `StudentWithLoss`, whose forward runs the student's
+Student: a training engine (ZeRO-3, or the stage `parallel.student_zero_stage` chose:
+tail_kd/placement.py) around `StudentWithLoss`, whose forward runs the student's
 backbone and then the loss on both models' final hidden states and lm_head weights, plus
 `loss.hidden_weight` times the hidden-state alignment (tail_kd/hidden_alignment.py, whose
 projections the engine trains with the student). The logits of the batch are never materialised
@@ -43,6 +44,7 @@ from tail_kd.losses import (
 )
 from tail_kd.models import head_logits, logit_transform
 from tail_kd.pair import ModelPlan
+from tail_kd.placement import Placement
 from tail_kd.optim import lr_scheduler, weight_decay_groups
 from tail_kd.teacher_cache import STATES_KEY, TeacherHead, state_indices
 
@@ -194,11 +196,13 @@ class Distiller:
         ctx: DistContext,
         loss_fn: LossFunction,
         vocab_size: int,
-        teacher_placement: str = "zero3",
+        placement: Placement = Placement(),
     ):
         """`vocab_size`: the real tokens the two lm_heads share (the loss's vocabulary);
-        `teacher_placement`: replicated or zero3 (tail_kd/placement.py)."""
-        ds_student = student_config(recipe, ctx.world_size, ctx.device.type)
+        `placement`: the teacher's and the student's (tail_kd/placement.py)."""
+        ds_student = student_config(
+            recipe, ctx.world_size, ctx.device.type, placement.student_zero_stage
+        )
         if recipe.train.activation_checkpointing:
             student.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -224,7 +228,7 @@ class Distiller:
             aligned = () if align is None else align.teacher_indices
             cached = isinstance(teacher, TeacherHead)
             module = teacher if cached else TeacherHiddenStates(teacher, aligned)
-            self.teacher = teacher_engine(module, recipe, ctx, teacher_placement)
+            self.teacher = teacher_engine(module, recipe, ctx, placement.teacher)
             if cached:  # which stored state (each stored once) is each of the forward's outputs
                 final, layers = teacher.config.num_hidden_layers, student.config.num_hidden_layers
                 stored = state_indices(recipe.loss, final, layers)

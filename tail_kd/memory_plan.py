@@ -6,19 +6,26 @@ parameters P_s / P_t, lm_head rows V, widths H_s / H_t, and bytes per element d 
 training dtype: 2 for bf16, 4 for float32) and d_t (the teacher's dtype), the estimate per GPU is
 the sum of:
 
-    student model states   DeepSpeed's own ZeRO-3 estimate
+    student model states   by `parallel.student_zero_stage` (tail_kd/placement.py):
+                           ZeRO-3: DeepSpeed's own estimate
                            (`deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs`):
                            18 P_s / N bytes (bf16 weights, fp32 gradients, master weights and Adam
                            moments) + 4 bytes per parameter of the largest layer; with
                            offload_optimizer only the 2 P_s / N of bf16 weights stay, with
                            offload_param as well, only the largest layer.
+                           ZeRO-2: DeepSpeed's (`stage_1_and_2.estimate_zero2_model_states_mem_
+                           needs`): 2 P_s + 18 P_s / N, 2 P_s with offload_optimizer.
+                           ZeRO-1: (d + 4) P_s + 12 P_s / N: whole weights and whole float32
+                           gradients accumulated over micro-batches, partitioned master weights and
+                           moments (on the host with offload_optimizer).
     teacher parameters     d_t P_t / N (0 with offload_param) + d_t x its largest layer (gathered);
                            replicated (parallel.teacher_placement): d_t P_t, nothing gathered
-    lm_heads               both gathered whole while the loss runs (a replicated teacher's is
-                           resident: counted with its parameters), and the student's lm_head
+    lm_heads               both gathered whole while the loss runs (a replicated teacher's and a
+                           ZeRO-1/2 student's are resident: counted with their parameters), and the student's lm_head
                            gradient that the fused loss forms in the forward, summed in float32
                            and returned in the training dtype (both alive for a moment):
-                           V ((d + g) H_s + d_t H_t), g = 4 + d if d < 4 else 4,
+                           V ((d + g) H_s + d_t H_t), g = 4 + d if d < 4 else 4 (less what is
+                           resident),
                            with V / P rows for parallel.vocab_parallel_size P
     loss chunk             c V e (V / P rows): c = min(chunk, b T) tokens (chunk: loss.chunk_size,
                            auto: max(1024, T)) of logits and their
@@ -180,7 +187,10 @@ class Setup:
     # For the time model (tail_kd/cost_model.py):
     persistence_threshold: int = 100_000  # ZeRO-3 keeps tensors of at most this many elements whole
     gradient_bytes: int = 4  # bytes per gradient element reduce-scattered
-    teacher_placement: str = "zero3"  # parallel.teacher_placement (auto: make_plan chooses)
+    # parallel.teacher_placement and parallel.student_zero_stage; `auto` until make_plan chooses,
+    # estimated meanwhile as ZeRO-3 (as the DeepSpeed config is built: deepspeed_config.py)
+    teacher_placement: str = "zero3"
+    student_zero_stage: int | str = 3
     cached_states: bool = False  # teacher.cached_states: no teacher backbone runs
     stored_states: int = 1  # S: the teacher's hidden states per token the loss reads (main sets it)
 
@@ -229,6 +239,7 @@ def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> S
         persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
         gradient_bytes=4 if ds_config.get("communication_data_type") == "fp32" else student_bytes,
         teacher_placement=recipe.parallel.teacher_placement,
+        student_zero_stage=recipe.parallel.student_zero_stage,
         cached_states=recipe.cached_teacher_states,
     )
 
@@ -246,19 +257,9 @@ def estimate(
     student: ModelShape, teacher: ModelShape, setup: Setup, micro_batch: int
 ) -> dict[str, int]:
     """Bytes per GPU by component (module docstring) at `micro_batch`, with `total`."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     d, d_t, n = setup.student_bytes, setup.teacher_bytes, setup.gpus
     tokens = micro_batch * setup.seq_len
-    _, student_states, _ = estimate_zero3_model_states_mem_needs(
-        student.parameters,
-        student.largest_layer,
-        num_gpus_per_node=setup.gpus_per_node,
-        num_nodes=max(1, n // setup.gpus_per_node),
-        cpu_offload=setup.offload_optimizer,
-        cpu_offload_params=setup.offload_param and setup.offload_optimizer,
-        zero_init=False,
-    )
     teacher_params = 0 if setup.offload_param else d_t * teacher.parameters // n
     teacher_params += d_t * teacher.largest_layer
     teacher_acts = tokens * (activation_bytes_per_token_layer(teacher, d_t) + d_t * teacher.hidden)
@@ -278,11 +279,15 @@ def estimate(
     student_acts += tokens * student.hidden * (2 * d + 4)
     per_logit = 3 * d + 1 if setup.compiled_loss else 48
     rows = -(-student.vocab_rows // setup.vocab_parallel_size)
+    gathered_s = 0 if setup.student_zero_stage in (1, 2) else d  # ZeRO-1/2: it is resident
     parts = {
-        "student_model_states": student_states,
+        "student_model_states": student_model_states(student, setup),
         "teacher_parameters": teacher_params,
         "lm_heads": rows
-        * ((d + _gradient_bytes(d)) * student.hidden + (0 if replicated else d_t * teacher.hidden)),
+        * (
+            (gathered_s + _gradient_bytes(d)) * student.hidden
+            + (0 if replicated else d_t * teacher.hidden)
+        ),
         "loss_chunk": min(setup.loss_chunk, tokens) * rows * per_logit,
         "student_activations": student_acts,
         "teacher_activations": teacher_acts,
@@ -293,6 +298,32 @@ def estimate(
     )
     parts["total"] = subtotal + parts["overhead"]
     return parts
+
+
+def student_model_states(student: ModelShape, setup: Setup) -> int:
+    """The student's weights, gradients and optimizer states on one GPU, by ZeRO stage (module
+    docstring)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    p, nodes = student.parameters, max(1, setup.gpus // setup.gpus_per_node)
+    if setup.student_zero_stage == 1:
+        return (setup.student_bytes + 4) * p + (
+            0 if setup.offload_optimizer else 12 * p // setup.gpus
+        )
+    if setup.student_zero_stage == 2:
+        return estimate_zero2_model_states_mem_needs(
+            p, setup.gpus_per_node, nodes, cpu_offload=setup.offload_optimizer
+        )[1]
+    return estimate_zero3_model_states_mem_needs(
+        p,
+        student.largest_layer,
+        num_gpus_per_node=setup.gpus_per_node,
+        num_nodes=nodes,
+        cpu_offload=setup.offload_optimizer,
+        cpu_offload_params=setup.offload_param and setup.offload_optimizer,
+        zero_init=False,
+    )[1]
 
 
 def teacher_cache_bytes_per_token(teacher: ModelShape, setup: Setup) -> int:
@@ -309,13 +340,18 @@ def _gradient_bytes(d: int) -> int:
 def host_bytes_per_node(student: ModelShape, teacher: ModelShape, setup: Setup) -> int:
     """Host memory per node: loading, then what is offloaded (module docstring)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     nodes = max(1, setup.gpus // setup.gpus_per_node)
     loading = setup.gpus_per_node * (
         setup.teacher_bytes * teacher.parameters + 4 * student.parameters
     )
     offloaded_bytes = 0
-    if setup.offload_optimizer:
+    if setup.offload_optimizer and setup.student_zero_stage in (1, 2):
+        offloaded_bytes, _ = estimate_zero2_model_states_mem_needs(
+            student.parameters, setup.gpus_per_node, nodes, cpu_offload=True
+        )
+    elif setup.offload_optimizer:
         offloaded_bytes, _, _ = estimate_zero3_model_states_mem_needs(
             student.parameters,
             student.largest_layer,
@@ -444,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup = with_stored_states(setup, recipe, teacher, student_config)
     student = model_shape(student_config)
     plan = make_plan(student, teacher, setup, memory_gib * GIB)
-    setup = dataclasses.replace(setup, teacher_placement=plan["setup"]["teacher_placement"])
+    setup = Setup(**plan["setup"])  # with the placement chosen
     tokens = args.tokens or recipe.train.steps * setup.global_batch_size * setup.seq_len
     plan["time"] = step_cost(student, teacher, setup, hardware, tokens, recipe.loss.k)
     print(format_plan(args.recipe, plan))
@@ -497,17 +533,42 @@ def with_stored_states(setup: Setup, recipe: Recipe, teacher: ModelShape, studen
     return dataclasses.replace(setup, stored_states=len(indices))
 
 
-def choose_teacher_placement(
+def placement_candidates(setup: Setup, teacher: bool = True) -> list[tuple[str, int]]:
+    """The (teacher placement, student ZeRO stage) pairs `auto` may choose from, in the order
+    ties are broken (no gathers first): the recipe's settings where they are not `auto`; a
+    ZeRO-3 student with vocab-parallel heads or offloaded parameters; both ZeRO-3 on CPU ranks
+    (they share one host's memory, and ZeRO-3 keeps CPU runs as they were). Without a teacher
+    its placement means nothing: zero3."""
+    cpu = setup.device != "cuda"
+    teachers = [setup.teacher_placement]
+    if not teacher or (cpu and setup.teacher_placement == "auto"):
+        teachers = ["zero3"]
+    elif setup.teacher_placement == "auto":
+        teachers = ["replicated", "zero3"]
+    stages = [setup.student_zero_stage]
+    if setup.student_zero_stage == "auto":
+        only_zero3 = cpu or setup.vocab_parallel_size > 1 or setup.offload_param
+        stages = [3] if only_zero3 else [1, 2, 3]
+    return [(placement, stage) for placement in teachers for stage in stages]
+
+
+def choose_placement(
     student: ModelShape, teacher: ModelShape, setup: Setup, budget: int
-) -> str:
-    """`parallel.teacher_placement: auto`: replicated when the estimate with a whole teacher on
-    every GPU fits `budget` at the recipe's settings, else zero3; zero3 on CPU ranks (they share
-    one host's memory, and ZeRO-3 keeps CPU runs as they were)."""
-    if setup.device != "cuda":
-        return "zero3"
-    whole = dataclasses.replace(setup, teacher_placement="replicated")
-    fits = estimate(student, teacher, whole, setup.micro_batch_size)["total"] <= budget
-    return "replicated" if fits else "zero3"
+) -> tuple[str, int]:
+    """`auto` placements (tail_kd/placement.py): of `placement_candidates`, the one whose step the
+    time model (tail_kd/cost_model.py, default hardware, communication not overlapped) predicts
+    fastest among those whose estimate fits `budget` at the recipe's micro-batch; the most
+    frugal candidate when none fits."""
+    candidates = placement_candidates(setup, teacher=teacher.parameters > 0)
+    best, best_seconds = candidates[-1], float("inf")
+    for placement, stage in candidates:
+        variant = dataclasses.replace(setup, teacher_placement=placement, student_zero_stage=stage)
+        if estimate(student, teacher, variant, setup.micro_batch_size)["total"] > budget:
+            continue
+        seconds = step_cost(student, teacher, variant, Hardware())["step_seconds_without_overlap"]
+        if seconds < best_seconds:
+            best, best_seconds = (placement, stage), seconds
+    return best
 
 
 def make_plan(
@@ -515,12 +576,10 @@ def make_plan(
 ) -> dict[str, object]:
     """The estimate at the recipe's settings, the largest micro-batch of every offload and
     checkpointing option, the fastest option that fits the recipe's micro-batch, host memory;
-    with `teacher_placement: auto`, the placement chosen (`choose_teacher_placement`)."""
+    `auto` placements chosen (`choose_placement`)."""
     budget = int(budget)
-    if setup.teacher_placement == "auto":
-        setup = dataclasses.replace(
-            setup, teacher_placement=choose_teacher_placement(student, teacher, setup, budget)
-        )
+    placement, stage = choose_placement(student, teacher, setup, budget)
+    setup = dataclasses.replace(setup, teacher_placement=placement, student_zero_stage=stage)
     options = []
     for offload_optimizer, offload_param, checkpointing in OPTIONS:
         offload = [
@@ -539,6 +598,8 @@ def make_plan(
                 "offload_optimizer": offload_optimizer,
                 "offload_param": offload_param,
                 "activation_checkpointing": checkpointing,
+                # parameters are offloaded by ZeRO-3 only
+                "student_zero_stage": 3 if offload_param else setup.student_zero_stage,
             }
         )
         limit = largest_micro_batch(student, teacher, variant, budget)
@@ -547,6 +608,7 @@ def make_plan(
                 "offload_optimizer": offload_optimizer,
                 "offload_param": offload_param,
                 "activation_checkpointing": checkpointing,
+                "student_zero_stage": variant.student_zero_stage,
                 "largest_micro_batch": limit,
                 "largest_valid_micro_batch": splitting_micro_batch(
                     limit, variant.global_batch_size, variant.gpus
@@ -587,6 +649,8 @@ def option_overrides(option: dict, micro_batch_size: int | None = None) -> list[
     ]
     if option["offload_optimizer"]:
         overrides.append("deepspeed.optimizer.params.torch_adam=false")
+    if "student_zero_stage" in option:
+        overrides.append(f"parallel.student_zero_stage={option['student_zero_stage']}")
     if micro_batch_size is not None:
         overrides.append(f"train.micro_batch_size={micro_batch_size}")
     return overrides
@@ -623,8 +687,9 @@ def format_plan(recipe_path: str, plan: dict) -> str:
             if setup["micro_batch_size"] != setup["recipe_micro_batch_size"]
             else []
         ),
-        f"per GPU with the recipe's settings (ZeRO-3 offload: {offload}, activation "
-        f"checkpointing {checkpointing}, teacher {setup['teacher_placement']}) at micro-batch "
+        f"per GPU with the recipe's settings (student ZeRO-{setup['student_zero_stage']}, "
+        f"teacher {setup['teacher_placement']}, offload: {offload}, activation checkpointing "
+        f"{checkpointing}) at micro-batch "
         f"{setup['micro_batch_size']} x {setup['seq_len']} tokens:",
     ]
     for name, value in parts.items():
@@ -641,12 +706,14 @@ def format_plan(recipe_path: str, plan: dict) -> str:
         "options, fastest first: largest micro-batch that fits (and the largest that splits "
         f"global_batch_size {setup['global_batch_size']} over {setup['gpus']} GPU(s)), "
         "host memory per node",
-        f"  {'offload':<16} {'checkpointing':<14} {'micro-batch':>11} {'valid':>6} {'host':>12}",
+        f"  {'student':<8} {'offload':<16} {'checkpointing':<14} {'micro-batch':>11} "
+        f"{'valid':>6} {'host':>12}",
     ]
     for option in plan["options"]:
         offload, checkpointing = _option_name(option)
         lines.append(
-            f"  {offload:<16} {checkpointing:<14} {option['largest_micro_batch']:>11} "
+            f"  {'ZeRO-' + str(option['student_zero_stage']):<8} {offload:<16} {checkpointing:<14} "
+            f"{option['largest_micro_batch']:>11} "
             f"{option['largest_valid_micro_batch']:>6} {gib(option['host_bytes_per_node']):>12}"
         )
     lines.append("")
@@ -700,7 +767,8 @@ def format_time(cost: dict, setup: dict | Setup, gpu: str) -> str:
     link = "between nodes" if nodes > 1 else "within the node"
     lines = [
         "",
-        f"time per step (student ZeRO-3, teacher {setup['teacher_placement']}; "
+        f"time per step (student ZeRO-{setup['student_zero_stage']}, teacher "
+        f"{setup['teacher_placement']}; "
         f"{setup['gpus']} x {gpu} at "
         f"{hw['peak_tflops']:g} TFLOP/s peak, assumed MFU {hw['mfu']:.0%}):",
         "  FLOPs per token: teacher forward {:.2f} G, student forward+backward {:.2f} G, "
@@ -727,7 +795,7 @@ def format_time(cost: dict, setup: dict | Setup, gpu: str) -> str:
     else:
         lines.append("  communication: none (one GPU)")
     lines.append(
-        f"  step: {cost['step_seconds']:.2f} s with the gathers hidden behind compute "
+        f"  step: {cost['step_seconds']:.2f} s with the collectives hidden behind compute "
         f"({cost['step_seconds_without_overlap']:.2f} s without); "
         f"{cost['tokens_per_second']:,.0f} tokens/s"
     )

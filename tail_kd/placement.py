@@ -1,4 +1,6 @@
-"""Where the frozen teacher's weights live: `parallel.teacher_placement`.
+"""Where the models' weights live: `parallel.teacher_placement` and `parallel.student_zero_stage`.
+
+The frozen teacher (N ranks, P_t parameters of d_t bytes):
 
     zero3        ZeRO-3 partitions, 1/N of the weights per rank (d_t P_t / N bytes); every
                  forward all-gathers every layer, and the loss the lm_head again: each rank
@@ -6,47 +8,79 @@
     replicated   the whole teacher on every GPU in its dtype (d_t P_t bytes each) and no engine:
                  nothing is gathered, ever. With vocab-parallel heads each rank reads its rows
                  straight from the resident lm_head
-    auto         (the default) replicated when `tail-kd plan`'s memory estimate with the whole
-                 teacher fits the smallest GPU of the job at the recipe's settings
-                 (`memory_plan.choose_teacher_placement`), else zero3; zero3 on CPU ranks
 
-The teacher gets no gradient and no optimizer either way, so the placement changes no number of
-the run: the same curves, checkpoints and exported student (tests/test_train.py).
+The student (P_s parameters), by ZeRO stage, what each rank holds and what a step sends:
+
+    3   1/N of everything; its weights gathered at every micro-batch's forward, its gradients
+        reduce-scattered after every micro-batch's backward
+    2   the whole weights; gradients and optimizer states partitioned: gradients reduced after
+        every micro-batch's backward, the updated weights all-gathered once per step
+    1   the whole weights and gradients (accumulated locally); optimizer states partitioned:
+        gradients all-reduced once per step, the updated weights all-gathered once per step
+
+`auto` (the default of both) takes the placement `tail-kd plan` predicts fastest among those
+whose memory estimate fits the smallest GPU of the job at the recipe's settings
+(`memory_plan.choose_placement`; the ranks agree on the smallest GPU). On CPU ranks it keeps a
+ZeRO-3 teacher and a ZeRO-3 student.
+
+Every placement computes the same thing: the same curves, checkpoints and exported student
+(tests/test_train.py). Vocab-parallel heads read ZeRO-3's partitions: they need a ZeRO-3 student.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from tail_kd.config import Recipe
 from tail_kd.distributed import DistContext
 
-__all__ = ["teacher_placement"]
+__all__ = ["Placement", "choose_placement"]
 
 
-def teacher_placement(recipe: Recipe, ctx: DistContext, teacher_config, student_config) -> str:
-    """`replicated` or `zero3` for this job (module docstring); a collective with `auto` on GPUs
-    (the ranks agree on the smallest GPU)."""
-    chosen = recipe.parallel.teacher_placement
-    if chosen != "auto" or recipe.teacher is None:
-        return "zero3" if chosen == "auto" else chosen
-    if ctx.device.type != "cuda":
-        return "zero3"
+@dataclass(frozen=True)
+class Placement:
+    """A job's placement (module docstring), as the run uses it."""
+
+    teacher: str = "zero3"  # replicated | zero3
+    student_zero_stage: int = 3  # 1 | 2 | 3
+
+    def describe(self, recipe: Recipe) -> str:
+        """`teacher replicated, student ZeRO-1 (parallel: teacher_placement auto, ...)`."""
+        parallel = recipe.parallel
+        return (
+            f"placement: teacher {self.teacher}, student ZeRO-{self.student_zero_stage} "
+            f"(parallel.teacher_placement: {parallel.teacher_placement}, "
+            f"parallel.student_zero_stage: {parallel.student_zero_stage})"
+        )
+
+
+def choose_placement(recipe: Recipe, ctx: DistContext, teacher_config, student_config) -> Placement:
+    """This job's placement (module docstring): the recipe's settings, with `auto` resolved; a
+    collective when there is a choice to make (on GPUs)."""
     from tail_kd.memory_plan import (
-        choose_teacher_placement,
+        NO_TEACHER,
         model_shape,
+        placement_candidates,
         setup_of,
         with_stored_states,
     )
+    from tail_kd.memory_plan import choose_placement as fastest_that_fits
 
-    memory = torch.cuda.get_device_properties(ctx.device).total_memory
-    budget = min(ctx.all_gather(memory))
     setup = setup_of(
         recipe,
-        device="cuda",
+        device=ctx.device.type,
         gpus=ctx.world_size,
         gpus_per_node=ctx.topology.local_world_size,
     )
-    teacher = model_shape(teacher_config)
-    setup = with_stored_states(setup, recipe, teacher, student_config)
-    return choose_teacher_placement(model_shape(student_config), teacher, setup, budget)
+    candidates = placement_candidates(setup, teacher=teacher_config is not None)
+    if len(candidates) == 1:
+        return Placement(*candidates[0])
+    memory = torch.cuda.get_device_properties(ctx.device).total_memory
+    budget = min(ctx.all_gather(memory))
+    teacher = NO_TEACHER
+    if teacher_config is not None:
+        teacher = model_shape(teacher_config)
+        setup = with_stored_states(setup, recipe, teacher, student_config)
+    return Placement(*fastest_that_fits(model_shape(student_config), teacher, setup, budget))

@@ -29,7 +29,7 @@ from tail_kd.distributed import DistContext
 from tail_kd.export import save_student_spec
 from tail_kd.monitor import Monitor
 from tail_kd.pair import load_models, plan_models
-from tail_kd.placement import teacher_placement
+from tail_kd.placement import choose_placement
 from tail_kd.run_dir import DONE_MARKER, clear_output_dir, read_done
 from tail_kd.signals import StopFlag
 from tail_kd.teacher_cache import TeacherHead, cache_spec, with_teacher_states
@@ -101,10 +101,9 @@ def set_up_run(recipe: Recipe, options, ctx: DistContext, stop_flag: StopFlag):
         recipe.data.seq_len,
         reference=options.reference_loss,
     )
-    placement = teacher_placement(recipe, ctx, plan.teacher_config, plan.student_config)
-    if ctx.is_main and teacher is not None:
-        print(f"teacher placement: {placement} (parallel.teacher_placement: "
-              f"{recipe.parallel.teacher_placement})")  # fmt: skip
+    placement = choose_placement(recipe, ctx, plan.teacher_config, plan.student_config)
+    if ctx.is_main:
+        print(placement.describe(recipe))
     distiller = Distiller(
         teacher,
         student,
@@ -112,7 +111,7 @@ def set_up_run(recipe: Recipe, options, ctx: DistContext, stop_flag: StopFlag):
         ctx=ctx,
         loss_fn=loss_fn,
         vocab_size=plan.vocab_size,
-        teacher_placement=placement,
+        placement=placement,
     )
     checkpoints = CheckpointManager(run_dir, ctx, recipe.checkpoint.keep)
     trainer = Trainer(

@@ -232,6 +232,18 @@ def test_the_loss_chunk_covers_a_sequence_unless_set(tmp_path):
         ("student", {"num_layers": 0}, "student.num_layers: expected a positive integer"),
         ("checkpoint", {"keep": 0}, "checkpoint.keep: expected an integer >= 1, got 0"),
         ("eval", {"every": -1}, "eval.every: expected a non-negative integer"),
+        (
+            "parallel",
+            {"student_zero_stage": 4},
+            "parallel.student_zero_stage: expected one of auto, 1, 2, 3; got 4",
+        ),
+        ("parallel", {"student_zero_stage": True}, "expected one of auto, 1, 2, 3; got True"),
+        (
+            "parallel",
+            {"student_zero_stage": 2, "vocab_parallel_size": 2},
+            "parallel.vocab_parallel_size: 2 cannot be combined with "
+            "parallel.student_zero_stage: 2 (vocab-parallel heads read the rows of ZeRO-3's",
+        ),
         (None, {"device": "tpu"}, "device: expected one of auto, cuda, cpu; got 'tpu'"),
         (None, {"seed": -1}, "seed: expected a non-negative integer"),
         (None, {"run_name": "a/b"}, "run_name: expected a non-empty name without '/'"),

@@ -38,6 +38,25 @@ def test_student_config_follows_the_recipe():
     assert not student_config(r, world_size=2, device="cpu")["bf16"]["enabled"]
 
 
+def test_the_student_takes_its_zero_stage_and_the_teacher_stays_zero3():
+    """parallel.student_zero_stage, or the stage the run chose for `auto` (3 until it has)."""
+    assert student_config(recipe(), 2, "cuda")["zero_optimization"] == {"stage": 3}
+    assert student_config(recipe(), 2, "cuda", 1)["zero_optimization"] == {"stage": 1}
+    explicit = recipe(parallel={"student_zero_stage": 2})
+    config = student_config(explicit, 2, "cuda")
+    assert config["zero_optimization"] == {"stage": 2}
+    assert teacher_config(config, torch.bfloat16)["zero_optimization"] == {"stage": 3}
+
+
+def test_only_a_zero3_student_offloads_its_parameters():
+    offload = {"zero_optimization": {"offload_param": {"device": "cpu"}}}
+    with pytest.raises(RecipeError, match=r"parallel.student_zero_stage: 1 cannot offload param"):
+        check_deepspeed_config(
+            recipe(parallel={"student_zero_stage": 1}, deepspeed=offload), 1, "cpu"
+        )
+    check_deepspeed_config(recipe(deepspeed=offload), 1, "cpu")  # auto: ZeRO-3
+
+
 def test_teacher_config_shares_zero3_settings_without_optimizer_offload():
     r = recipe(
         deepspeed={
@@ -65,6 +84,11 @@ def test_teacher_config_shares_zero3_settings_without_optimizer_offload():
             r"deepspeed.train_batch_size: set by the recipe; use train.global_batch_size",
         ),
         ({"fp16": {"enabled": True}}, r"deepspeed.fp16: .*use bfloat16"),
+        (
+            {"zero_optimization": {"stage": 2}},
+            r"deepspeed.zero_optimization.stage: set by the recipe; use "
+            r"parallel.student_zero_stage",
+        ),
     ],
 )
 def test_bad_deepspeed_keys_are_rejected_with_the_fix(extra, message):
@@ -94,11 +118,11 @@ def test_keys_inside_deepspeed_sections_are_checked_by_deepspeeds_schema(extra, 
     assert config["zero_optimization"] == {"stage": 3}
 
 
-def _accumulated_gradient(extra: dict) -> dict:
+def _accumulated_gradient(extra: dict, stage: int = 3) -> dict:
     script = Path(__file__).parent / "scripts" / "bf16_accumulation.py"
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(
-        [sys.executable, str(script), json.dumps(extra)],
+        [sys.executable, str(script), json.dumps(extra), str(stage)],
         env=env,
         capture_output=True,
         text=True,
@@ -108,10 +132,17 @@ def _accumulated_gradient(extra: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_bf16_gradients_are_accumulated_over_micro_batches_in_float32():
-    """A real ZeRO-3 engine: with the generated config, 64 bf16 micro-batches sum exactly; with
-    DeepSpeed's default for bf16 (accumulating in bf16) the 63 small ones are lost."""
-    ours = _accumulated_gradient({})
-    assert ours["grad"] == pytest.approx(ours["exact"], rel=1e-6)
-    bf16 = _accumulated_gradient({"data_types": {"grad_accum_dtype": "bf16"}})
-    assert abs(bf16["grad"] - bf16["exact"]) > 0.1 * bf16["exact"]
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_gradients_are_accumulated_over_micro_batches_in_float32(stage):
+    """A real engine of each student ZeRO stage (DeepSpeed's BF16_Optimizer for ZeRO-1, its ZeRO
+    optimizers for 2 and 3): with the generated config, 64 bf16 micro-batches sum exactly (ZeRO-1
+    sends the float32 sum once, in bf16: one rounding, no term lost); with DeepSpeed's default for
+    bf16 (accumulating in bf16) the 63 small ones are lost."""
+    ours = _accumulated_gradient({}, stage)
+    exact = ours["exact"]
+    if stage == 1:  # all-reduced once per step, as the float32 sum rounded to bf16
+        exact = torch.tensor(exact).bfloat16().item()  # (communication_data_type: bf16)
+    assert ours["grad"] == pytest.approx(exact, rel=1e-6)
+    if stage == 3:
+        bf16 = _accumulated_gradient({"data_types": {"grad_accum_dtype": "bf16"}})
+        assert abs(bf16["grad"] - bf16["exact"]) > 0.1 * bf16["exact"]

