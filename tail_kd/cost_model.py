@@ -23,12 +23,12 @@ Communication, N ranks, b micro-batches accumulated per optimizer step, as DeepS
 communication logger counts a collective (`deepspeed.comms_logger`: an all-gather by one rank's
 shard, a reduce-scatter or all-reduce by its whole input). Per micro-batch, the ZeRO-3 teacher:
 
-    all-gather       d_t G_t / N               G_t = P_t - persistent_t + [gathered heads, tied]
-                                               V H_t - [vocab-parallel, untied] V H_t (the
-                     teacher's forward; its lm_head again for the loss when it is the input
-                     embedding, released after the forward); with teacher.cached_states the
-                     engine holds its lm_head alone: G_t = V H_t with gathered heads, 0
-                     vocab-parallel; with parallel.teacher_placement replicated G_t = 0
+    all-gather       d_t G_t / N               G_t = P_t - persistent_t - [untied] V H_t (the
+                                               teacher's forward: its lm_head is read once for
+                     the whole run, gathered whole or as row shards, tail_kd/heads.py, and the
+                     forward gathers it only as the input embedding it is when tied); with
+                     teacher.cached_states (the engine holds its lm_head alone) or
+                     parallel.teacher_placement replicated, G_t = 0
 
 and the student, by `parallel.student_zero_stage`:
 
@@ -50,10 +50,11 @@ trace again there and fetches module by module.)
 On the wire a ring all-gather brings (N - 1) shards into each GPU (and sends as many out), a ring
 reduce-scatter (N - 1) / N of its input, a ring all-reduce twice that. Vocab-parallel heads (group of P) add exchanges that
 tail-kd makes through torch.distributed, which DeepSpeed's logger does not see (an estimate of
-what each rank receives per micro-batch: the two row shards and the student's row gradient,
-V (d_t H_t + d H_s + g H_s) / P; the group's hidden states, (P - 1) b T (d H_s + d_t H_t); the
-all-reduce of the hidden-state gradient, 2 (P - 1) b T H_s 4 bytes; the per-token numbers,
-P (K + 8) b T 4 bytes).
+what each rank receives: per step, the student's row shard, read again after each optimizer step,
+and its row gradient, V (d + g) H_s / P (the teacher's rows are read once for the run); per
+micro-batch, the group's hidden states, (P - 1) b T (d H_s + d_t H_t), the all-reduce of the
+hidden-state gradient, 2 (P - 1) b T H_s 4 bytes, and the per-token numbers, P (K + 8) b T 4
+bytes).
 
 Time per optimizer step: compute = FLOPs per GPU / (peak x MFU), communication = bytes each GPU
 receives / bandwidth per direction (within a node NVLink's; across nodes the network's share per
@@ -137,16 +138,11 @@ def step_bytes(
     accumulation = setup.global_batch_size // (setup.micro_batch_size * n)
     vocab_parallel = setup.vocab_parallel_size > 1
     head_t, head_s = teacher.vocab_rows * teacher.hidden, student.vocab_rows * student.hidden
-    if setup.teacher_placement == "replicated":  # whole on every GPU: nothing to gather
-        gathered_t = 0
-    elif setup.cached_states:
-        gathered_t = 0 if vocab_parallel else head_t
+    if setup.teacher_placement == "replicated" or setup.cached_states:
+        gathered_t = 0  # whole on every GPU, or a lm_head alone, read once for the run
     else:
         gathered_t = teacher.parameters - teacher.persistent_parameters(setup.persistence_threshold)
-        gathered_t += head_t * (
-            (teacher.tied_lm_head and not vocab_parallel)
-            - (vocab_parallel and not teacher.tied_lm_head)
-        )
+        gathered_t -= 0 if teacher.tied_lm_head else head_t
     p_s, stage = student.parameters, setup.student_zero_stage  # auto: 3 until chosen
     logged, wire = {}, {}
     if n > 1 and stage not in (1, 2):
@@ -164,9 +160,8 @@ def step_bytes(
         wire["all_gather_into_tensor"] = (n - 1) * logged["all_gather_into_tensor"]
     if vocab_parallel:
         p, tokens = setup.vocab_parallel_size, setup.micro_batch_size * setup.seq_len
-        wire["vocab_parallel"] = accumulation * (
-            (d_t * head_t + (d + g) * head_s) / p  # row shards in, the row gradient out
-            + (p - 1) * tokens * (d * student.hidden + d_t * teacher.hidden)
+        wire["vocab_parallel"] = (d + g) * head_s / p + accumulation * (  # rows, their gradient
+            (p - 1) * tokens * (d * student.hidden + d_t * teacher.hidden)
             + 2 * (p - 1) * tokens * student.hidden * 4
             + p * (top_k + 8) * tokens * 4
         )

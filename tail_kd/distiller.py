@@ -262,8 +262,8 @@ class Distiller:
             return self.student(input_ids, attention_mask, labels, None, None)
         with torch.no_grad():
             teacher_states = self._teacher_states(on_device)
-        with self.heads.teacher_weight(self.teacher_model) as teacher_weight:
-            return self.student(input_ids, attention_mask, labels, teacher_states, teacher_weight)
+        teacher_weight = self.heads.teacher_weight()
+        return self.student(input_ids, attention_mask, labels, teacher_states, teacher_weight)
 
     def backward(self, loss: Tensor) -> None:
         """The student engine's backward (and the head source's bookkeeping)."""

@@ -11,9 +11,12 @@ forward; the loss reads both lm_heads outside their modules. Two sources solve t
     embedding layer's own release does not drop it). The gradient the fused loss returns for it
     is accumulated into the parameter (summed with the embedding's, when tied) and
     reduce-scattered by ZeRO-3 like any other.
-  - The teacher's lm_head weight is gathered read-only (`GatheredParameters`, no modifier rank)
-    around the student's forward and passed in as a plain tensor; the teacher gets no gradient.
-    A replicated teacher's (tail_kd/placement.py) is whole already: the gather does nothing.
+  - The teacher's lm_head weight is frozen: a ZeRO-3 teacher's is gathered once, read-only
+    (`GatheredParameters`, no modifier rank), and a whole copy kept for the run, passed in as a
+    plain tensor; the teacher gets no gradient. `tail-kd plan` counts it whole already (the
+    memory of the lm_heads while the loss runs), so it costs no peak memory and saves a gather of
+    V H_t per micro-batch. A replicated teacher's (tail_kd/placement.py) is whole already: it is
+    used where it is.
 - `ShardedHeads` (`parallel.vocab_parallel_size: P > 1`): each rank reads only its 1/P of the rows
   from ZeRO-3's partitions (the teacher's once, or straight from its weight when the teacher is
   replicated; the student's after each optimizer step), the
@@ -21,16 +24,14 @@ forward; the loss reads both lm_heads outside their modules. Two sources solve t
   gradient partitions at the accumulation boundary (tail_kd/sharded_heads.py has the exchange).
 
 The distiller calls a source at fixed points: `attach` (building the student's loss module),
-`bind` (after `deepspeed.initialize`), `teacher_weight` (around each forward), `student_weight`
+`bind` (after `deepspeed.initialize`), `teacher_weight` (each forward), `student_weight`
 and `loss` (inside the student's forward) and `after_backward`.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
-from collections.abc import Callable, Iterator
-from typing import ContextManager
+from collections.abc import Callable
 
 import deepspeed
 import torch
@@ -60,8 +61,8 @@ class HeadSource(abc.ABC):
         a run without one, whose forwards never ask for `teacher_weight`)."""
 
     @abc.abstractmethod
-    def teacher_weight(self, teacher: nn.Module) -> ContextManager[Tensor]:
-        """The teacher's lm_head weight (or rows) for the loss, valid inside the `with` block."""
+    def teacher_weight(self) -> Tensor:
+        """The teacher's lm_head weight (or rows) for the loss: frozen, read once in `bind`."""
 
     @abc.abstractmethod
     def student_weight(self, student: nn.Module) -> Tensor:
@@ -82,11 +83,18 @@ class GatheredHeads(HeadSource):
         # Used by the loss, outside the lm_head's own forward: let ZeRO-3 gather it for `module`.
         deepspeed.zero.register_external_parameter(module, lm_head(student))
 
-    @contextlib.contextmanager
-    def teacher_weight(self, teacher: nn.Module) -> Iterator[Tensor]:
+    def bind(self, student_engine, teacher: nn.Module | None) -> None:
+        if teacher is None:
+            return
         head = lm_head(teacher)
+        if not hasattr(head, "ds_id"):  # replicated: whole on this rank
+            self.teacher_head = head.data
+            return
         with deepspeed.zero.GatheredParameters([head]):  # read-only: no modifier_rank
-            yield head.data
+            self.teacher_head = head.data.clone()
+
+    def teacher_weight(self) -> Tensor:
+        return self.teacher_head
 
     def student_weight(self, student: nn.Module) -> Tensor:
         return lm_head(student)
@@ -117,9 +125,8 @@ class ShardedHeads(HeadSource):
             start, stop = self.groups.rows
             self.teacher_rows = head.data[start:stop]
 
-    @contextlib.contextmanager
-    def teacher_weight(self, teacher: nn.Module) -> Iterator[Tensor]:
-        yield self.teacher_rows
+    def teacher_weight(self) -> Tensor:
+        return self.teacher_rows
 
     def student_weight(self, student: nn.Module) -> Tensor:
         """The rows, read again after each optimizer step (and after a checkpoint load, which

@@ -20,8 +20,10 @@ the sum of:
                            moments (on the host with offload_optimizer).
     teacher parameters     d_t P_t / N (0 with offload_param) + d_t x its largest layer (gathered);
                            replicated (parallel.teacher_placement): d_t P_t, nothing gathered
-    lm_heads               both gathered whole while the loss runs (a replicated teacher's and a
-                           ZeRO-1/2 student's are resident: counted with their parameters), and the student's lm_head
+    lm_heads               both whole while the loss runs: the student's gathered (a ZeRO-1/2
+                           student's is resident: counted with its parameters), the teacher's
+                           gathered once and kept for the run (a replicated teacher's is counted
+                           with its parameters), and the student's lm_head
                            gradient that the fused loss forms in the forward, summed in float32
                            and returned in the training dtype (both alive for a moment):
                            V ((d + g) H_s + d_t H_t), g = 4 + d if d < 4 else 4 (less what is
