@@ -111,7 +111,7 @@ def _write(recipe, spec, ctx) -> None:
     teacher = load_causal_lm(plan.teacher_dir, spec.dtype)
     module = TeacherHiddenStates(teacher, tuple(spec.key["states"][1:]))
     placement = choose_placement(recipe, ctx, plan.teacher_config, plan.student_config)
-    engine = teacher_engine(module, recipe, ctx, placement.teacher)
+    engine = teacher_engine(module, recipe, ctx, placement)
     batch_size, world = recipe.train.micro_batch_size, ctx.world_size
     with contextlib.ExitStack() as stack:
         folder = None

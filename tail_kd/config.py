@@ -318,8 +318,17 @@ class ParallelConfig:
     # every forward), 2 keeps them whole and partitions gradients and optimizer states, 1 only the
     # optimizer states; auto takes the fastest that `tail-kd plan`'s estimate fits (3 on CPU).
     student_zero_stage: Literal["auto", 1, 2, 3] = "auto"
+    # ZeRO++ hierarchical partitioning (hpZ) of the ZeRO-3 engines: each also keeps its weights
+    # partitioned over groups of this many consecutive ranks (a node) and gathers from that copy,
+    # so that its all-gathers stay within the node; 1 = off; auto: the ranks per node on GPU jobs
+    # of several nodes where `tail-kd plan`'s estimate fits (tail_kd/placement.py).
+    hpz_partition_size: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.hpz_partition_size != "auto" and self.hpz_partition_size < 1:
+            raise _FieldError(
+                "hpz_partition_size", f"expected auto or >= 1, got {self.hpz_partition_size}"
+            )
         problem = vocab_parallel_problem(
             self.vocab_parallel_size, student_zero_stage=self.student_zero_stage
         )
@@ -435,6 +444,12 @@ class Recipe:
         problem = vocab_parallel_problem(self.parallel.vocab_parallel_size, world_size=world_size)
         if problem:
             raise RecipeError(problem)
+        hpz = self.parallel.hpz_partition_size
+        if hpz != "auto" and world_size % hpz:
+            raise RecipeError(
+                f"parallel.hpz_partition_size: {hpz} does not divide the {world_size} ranks; "
+                "set the ranks per node (or 1: off)"
+            )
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         """Micro-batches each rank accumulates per optimizer step."""

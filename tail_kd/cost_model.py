@@ -44,6 +44,12 @@ and the student, by `parallel.student_zero_stage`:
 
 persistent = tensors of at most `stage3_param_persistence_threshold` elements (kept whole on
 every rank); d, d_t = bytes per element; g: bf16 unless `communication_data_type: fp32`.
+
+With hpZ over groups of G ranks (`parallel.hpz_partition_size`) the ZeRO-3 engines gather from
+their group's partition, shards of d G / G: the frozen teacher at every micro-batch, the student
+at all but the first micro-batch after each optimizer step (DeepSpeed refreshes the group's
+partition from that gather). Those gathers stay within the node; the rest cross it. (Measured on
+4 CPU ranks in pairs, with 1 and with 2 micro-batches per step: tests/test_cost_model.py.)
 (The first step, and the first after each evaluation, gather more: ZeRO-3 records its module
 trace again there and fetches module by module.)
 
@@ -87,6 +93,10 @@ __all__ = [
 
 # Peak dense bf16 TFLOP/s of common GPUs (vendor figures, without sparsity).
 GPUS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "a6000": 155.0, "l4": 121.0}
+
+
+# Exchanges that never leave a node: hpZ's gathers, and the vocab-parallel groups (one node each).
+WITHIN_NODE = ("hpz_all_gather_within_node", "vocab_parallel")
 
 
 @dataclass(frozen=True)
@@ -144,20 +154,33 @@ def step_bytes(
         gathered_t = teacher.parameters - teacher.persistent_parameters(setup.persistence_threshold)
         gathered_t -= 0 if teacher.tied_lm_head else head_t
     p_s, stage = student.parameters, setup.student_zero_stage  # auto: 3 until chosen
-    logged, wire = {}, {}
-    if n > 1 and stage not in (1, 2):
+    zero3_student = stage not in (1, 2)
+    gathered_s = 0
+    if zero3_student:
         gathered_s = p_s - student.persistent_parameters(setup.persistence_threshold)
         gathered_s -= head_s * (vocab_parallel and not student.tied_lm_head)
-        logged["all_gather_into_tensor"] = accumulation * (d_t * gathered_t + d * gathered_s) / n
-        logged["reduce_scatter_tensor"] = accumulation * g * p_s
-        logged["all_reduce"] = 16.0
-        wire["reduce_scatter_tensor"] = (n - 1) / n * logged["reduce_scatter_tensor"]
-    elif n > 1:  # ZeRO-1/2: the updated weights once; the gradients per step or micro-batch
-        logged["all_gather_into_tensor"] = accumulation * d_t * gathered_t / n + d * p_s / n
-        logged["all_reduce"] = (accumulation if stage == 2 else 1) * g * p_s + 8.0
-        wire["all_reduce"] = 2 * (n - 1) / n * logged["all_reduce"]
+    # The ZeRO-3 engines' gathers: over all ranks (`primary`), or from the hpZ group's partition
+    # (`local`, G ranks): the frozen teacher's always, the student's but for the first micro-batch
+    # after each optimizer step (which refreshes that partition)
+    hpz = 1 if setup.hpz_partition_size == "auto" else setup.hpz_partition_size
+    primary, local = accumulation * (d_t * gathered_t + d * gathered_s), 0.0
+    if hpz > 1:
+        primary, local = d * gathered_s, primary - d * gathered_s
+    logged, wire = {}, {}
     if n > 1:
-        wire["all_gather_into_tensor"] = (n - 1) * logged["all_gather_into_tensor"]
+        logged["all_gather_into_tensor"] = primary / n + (local / hpz if hpz > 1 else 0.0)
+        wire["all_gather_into_tensor"] = (n - 1) * primary / n
+        if hpz > 1:
+            wire["hpz_all_gather_within_node"] = (hpz - 1) * local / hpz
+        if zero3_student:
+            logged["reduce_scatter_tensor"] = accumulation * g * p_s
+            logged["all_reduce"] = 16.0
+            wire["reduce_scatter_tensor"] = (n - 1) / n * logged["reduce_scatter_tensor"]
+        else:  # ZeRO-1/2: the updated weights once; the gradients per step or micro-batch
+            logged["all_gather_into_tensor"] += d * p_s / n
+            logged["all_reduce"] = (accumulation if stage == 2 else 1) * g * p_s + 8.0
+            wire["all_reduce"] = 2 * (n - 1) / n * logged["all_reduce"]
+            wire["all_gather_into_tensor"] += (n - 1) * d * p_s / n
     if vocab_parallel:
         p, tokens = setup.vocab_parallel_size, setup.micro_batch_size * setup.seq_len
         wire["vocab_parallel"] = (d + g) * head_s / p + accumulation * (  # rows, their gradient
@@ -186,9 +209,12 @@ def step_cost(
     step_flops = {name: accumulation * value for name, value in flops.items()}
     logged, wire = traffic["logged"], traffic["wire"]["total"]
     nodes = setup.gpus // setup.gpus_per_node
-    bandwidth = (hardware.inter_node_gbps if nodes > 1 else hardware.intra_node_gbps) * 1e9
+    within = sum(traffic["wire"].get(name, 0.0) for name in WITHIN_NODE)
+    between = wire - within if nodes > 1 else 0.0
     compute = step_flops["total"] / (hardware.peak_tflops * 1e12 * hardware.mfu)
-    communication = wire / bandwidth
+    communication = (wire - between) / (hardware.intra_node_gbps * 1e9) + between / (
+        hardware.inter_node_gbps * 1e9
+    )
     step_tokens = setup.global_batch_size * setup.seq_len
     overlapped = max(compute, communication)
     cost = {
@@ -200,7 +226,7 @@ def step_cost(
         "flops_per_step_per_gpu": step_flops,
         "logged_bytes_per_step": logged,
         "received_bytes_per_step_per_gpu": wire,
-        "bandwidth_gbps": bandwidth / 1e9,
+        "received_between_nodes_bytes_per_step_per_gpu": between,
         "compute_seconds": compute,
         "communication_seconds": communication,
         "step_seconds": overlapped,

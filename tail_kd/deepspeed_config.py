@@ -16,11 +16,14 @@ from __future__ import annotations
 import copy
 import difflib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tail_kd.config import Recipe, RecipeError, vocab_parallel_problem
+
+if TYPE_CHECKING:
+    from tail_kd.placement import Placement
 
 __all__ = [
     "check_deepspeed_overrides",
@@ -153,12 +156,13 @@ def model_dtype(setting: str, device: str) -> torch.dtype:
 
 
 def student_config(
-    recipe: Recipe, world_size: int, device: str, zero_stage: int | None = None
+    recipe: Recipe, world_size: int, device: str, placement: Placement | None = None
 ) -> dict[str, Any]:
     """The student engine's DeepSpeed config: ZeRO stage, AdamW, clipping, batch split, precision.
 
-    The stage is `zero_stage`, else `parallel.student_zero_stage`, with `auto` taken as 3 (the
-    run passes what it chose: tail_kd/placement.py).
+    The ZeRO stage and hpZ group are the run's `placement` (tail_kd/placement.py), else the
+    recipe's `parallel.student_zero_stage` and `parallel.hpz_partition_size`, with `auto` taken as
+    ZeRO-3 without hpZ (the configs `tail-kd plan` and the checks build before choosing).
 
     In bf16 the gradients are accumulated over micro-batches in float32 (`data_types.
     grad_accum_dtype`; DeepSpeed's default would be the model's bf16, which loses the small
@@ -191,27 +195,38 @@ def student_config(
         },
         "bf16": {"enabled": bf16},
         "data_types": {"grad_accum_dtype": "fp32"},
-        "zero_optimization": {"stage": zero_stage or _stage(recipe.parallel.student_zero_stage)},
+        "zero_optimization": _zero(recipe, placement),
         "steps_per_print": 2**31 - 1,  # the trainer logs; silence DeepSpeed's own step lines
         "wall_clock_breakdown": False,
     }
     return _merge(config, recipe.deepspeed)
 
 
-def _stage(setting: int | str) -> int:
-    """A `parallel.student_zero_stage` setting as a stage: auto is 3 until the run has chosen."""
-    return 3 if setting == "auto" else setting
+def _zero(recipe: Recipe, placement: Placement | None) -> dict[str, int]:
+    """The student's `zero_optimization` stage and hpZ group (`student_config`)."""
+    parallel = recipe.parallel
+    if placement is None:
+        stage = 3 if parallel.student_zero_stage == "auto" else parallel.student_zero_stage
+        hpz = 1 if parallel.hpz_partition_size == "auto" else parallel.hpz_partition_size
+    else:
+        stage, hpz = placement.student_zero_stage, placement.hpz_partition_size
+    return {"stage": stage, **({"zero_hpz_partition_size": hpz} if hpz > 1 and stage == 3 else {})}
 
 
-def teacher_config(student: Mapping[str, Any], teacher_dtype: torch.dtype) -> dict[str, Any]:
+def teacher_config(
+    student: Mapping[str, Any], teacher_dtype: torch.dtype, hpz_partition_size: int = 1
+) -> dict[str, Any]:
     """The teacher's inference-engine config: ZeRO-3 with the student's batch split and ZeRO
-    settings, whatever the student's stage.
+    settings, whatever the student's stage, and hpZ over `hpz_partition_size` ranks if > 1.
 
     Optimizer offload has no meaning without an optimizer and is dropped; parameter offload and
     the stage-3 bucket/persistence settings carry over.
     """
     zero = {k: v for k, v in student["zero_optimization"].items() if k != "offload_optimizer"}
     zero["stage"] = 3
+    zero.pop("zero_hpz_partition_size", None)
+    if hpz_partition_size > 1:
+        zero["zero_hpz_partition_size"] = hpz_partition_size
     keys = (
         "train_batch_size",
         "train_micro_batch_size_per_gpu",

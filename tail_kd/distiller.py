@@ -100,17 +100,20 @@ class TeacherHiddenStates(nn.Module):
         return hidden_states_at(self.model, input_ids, attention_mask, self.indices)
 
 
-def teacher_engine(module: nn.Module, recipe: Recipe, ctx: DistContext, placement: str = "zero3"):
+def teacher_engine(
+    module: nn.Module, recipe: Recipe, ctx: DistContext, placement: Placement = Placement()
+):
     """The frozen teacher `module` (no gradients, eval mode) placed as `placement` says
     (tail_kd/placement.py): a ZeRO-3 inference engine (no optimizer; the student's batch split and
-    ZeRO-3 settings, in the dtype of the module's weights), or, replicated, the module itself on
-    this rank's device."""
+    ZeRO-3 settings, the placement's hpZ group, in the dtype of the module's weights), or,
+    replicated, the module itself on this rank's device."""
     module.requires_grad_(False)
-    if placement == "replicated":
+    if placement.teacher == "replicated":
         return module.to(ctx.device).eval()
     dtype = next(module.parameters()).dtype
-    ds_student = student_config(recipe, ctx.world_size, ctx.device.type)
-    engine, *_ = deepspeed.initialize(model=module, config=teacher_config(ds_student, dtype))
+    ds_student = student_config(recipe, ctx.world_size, ctx.device.type, placement)
+    config = teacher_config(ds_student, dtype, placement.hpz_partition_size)
+    engine, *_ = deepspeed.initialize(model=module, config=config)
     engine.eval()
     return engine
 
@@ -200,9 +203,7 @@ class Distiller:
     ):
         """`vocab_size`: the real tokens the two lm_heads share (the loss's vocabulary);
         `placement`: the teacher's and the student's (tail_kd/placement.py)."""
-        ds_student = student_config(
-            recipe, ctx.world_size, ctx.device.type, placement.student_zero_stage
-        )
+        ds_student = student_config(recipe, ctx.world_size, ctx.device.type, placement)
         if recipe.train.activation_checkpointing:
             student.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -228,7 +229,7 @@ class Distiller:
             aligned = () if align is None else align.teacher_indices
             cached = isinstance(teacher, TeacherHead)
             module = teacher if cached else TeacherHiddenStates(teacher, aligned)
-            self.teacher = teacher_engine(module, recipe, ctx, placement.teacher)
+            self.teacher = teacher_engine(module, recipe, ctx, placement)
             if cached:  # which stored state (each stored once) is each of the forward's outputs
                 final, layers = teacher.config.num_hidden_layers, student.config.num_hidden_layers
                 stored = state_indices(recipe.loss, final, layers)

@@ -193,6 +193,7 @@ class Setup:
     # estimated meanwhile as ZeRO-3 (as the DeepSpeed config is built: deepspeed_config.py)
     teacher_placement: str = "zero3"
     student_zero_stage: int | str = 3
+    hpz_partition_size: int | str = 1  # parallel.hpz_partition_size (auto: off until chosen)
     cached_states: bool = False  # teacher.cached_states: no teacher backbone runs
     stored_states: int = 1  # S: the teacher's hidden states per token the loss reads (main sets it)
 
@@ -242,6 +243,7 @@ def setup_of(recipe: Recipe, *, device: str, gpus: int, gpus_per_node: int) -> S
         gradient_bytes=4 if ds_config.get("communication_data_type") == "fp32" else student_bytes,
         teacher_placement=recipe.parallel.teacher_placement,
         student_zero_stage=recipe.parallel.student_zero_stage,
+        hpz_partition_size=recipe.parallel.hpz_partition_size,
         cached_states=recipe.cached_teacher_states,
     )
 
@@ -269,10 +271,17 @@ def estimate(
         head = d_t * teacher.vocab_rows * teacher.hidden
         teacher_params = 0 if setup.offload_param else head // n
         teacher_acts = tokens * teacher_cache_bytes_per_token(teacher, setup)
+    student_states = student_model_states(student, setup)
     replicated = setup.teacher_placement == "replicated"
     if replicated:  # the whole teacher (its lm_head alone with cached states) on every GPU
         head = teacher.vocab_rows * teacher.hidden
         teacher_params = d_t * (head if setup.cached_states else teacher.parameters)
+    hpz = hpz_size(setup)
+    if hpz > 1:  # the ZeRO-3 engines' secondary partitions
+        if not replicated and not setup.cached_states:
+            teacher_params += d_t * teacher.parameters // hpz
+        if setup.student_zero_stage not in (1, 2):
+            student_states += d * student.parameters // hpz
     a_student = activation_bytes_per_token_layer(student, d)
     if setup.activation_checkpointing:
         student_acts = student.layers * tokens * d * student.hidden + tokens * a_student
@@ -283,7 +292,7 @@ def estimate(
     rows = -(-student.vocab_rows // setup.vocab_parallel_size)
     gathered_s = 0 if setup.student_zero_stage in (1, 2) else d  # ZeRO-1/2: it is resident
     parts = {
-        "student_model_states": student_model_states(student, setup),
+        "student_model_states": student_states,
         "teacher_parameters": teacher_params,
         "lm_heads": rows
         * (
@@ -535,12 +544,19 @@ def with_stored_states(setup: Setup, recipe: Recipe, teacher: ModelShape, studen
     return dataclasses.replace(setup, stored_states=len(indices))
 
 
-def placement_candidates(setup: Setup, teacher: bool = True) -> list[tuple[str, int]]:
-    """The (teacher placement, student ZeRO stage) pairs `auto` may choose from, in the order
-    ties are broken (no gathers first): the recipe's settings where they are not `auto`; a
-    ZeRO-3 student with vocab-parallel heads or offloaded parameters; both ZeRO-3 on CPU ranks
-    (they share one host's memory, and ZeRO-3 keeps CPU runs as they were). Without a teacher
-    its placement means nothing: zero3."""
+def hpz_size(setup: Setup) -> int:
+    """The hpZ group size in effect: 1 (off) while `auto` is unresolved."""
+    return 1 if setup.hpz_partition_size == "auto" else setup.hpz_partition_size
+
+
+def placement_candidates(setup: Setup, teacher: bool = True) -> list[tuple[str, int, int]]:
+    """The (teacher placement, student ZeRO stage, hpZ group size) placements `auto` may choose
+    from, in the order ties are broken (fewest gathers, then least memory first): the recipe's
+    settings where they
+    are not `auto`; a ZeRO-3 student with vocab-parallel heads or offloaded parameters; both
+    ZeRO-3 and no hpZ on CPU ranks (they share one host's memory, and ZeRO-3 keeps CPU runs as
+    they were); hpZ over a node only on jobs of several nodes, and only where an engine is ZeRO-3.
+    Without a teacher its placement means nothing: zero3."""
     cpu = setup.device != "cuda"
     teachers = [setup.teacher_placement]
     if not teacher or (cpu and setup.teacher_placement == "auto"):
@@ -551,26 +567,44 @@ def placement_candidates(setup: Setup, teacher: bool = True) -> list[tuple[str, 
     if setup.student_zero_stage == "auto":
         only_zero3 = cpu or setup.vocab_parallel_size > 1 or setup.offload_param
         stages = [3] if only_zero3 else [1, 2, 3]
-    return [(placement, stage) for placement in teachers for stage in stages]
+    groups = [setup.hpz_partition_size]
+    if setup.hpz_partition_size == "auto":
+        several_nodes = setup.gpus > setup.gpus_per_node > 1
+        groups = [1, setup.gpus_per_node] if several_nodes and not cpu else [1]
+    candidates = []
+    for placement in teachers:
+        for stage in stages:
+            zero3 = (teacher and placement == "zero3" and not setup.cached_states) or stage == 3
+            for group in groups if zero3 else [1]:
+                candidates.append((placement, stage, group))
+    return candidates
 
 
 def choose_placement(
     student: ModelShape, teacher: ModelShape, setup: Setup, budget: int
-) -> tuple[str, int]:
+) -> tuple[str, int, int]:
     """`auto` placements (tail_kd/placement.py): of `placement_candidates`, the one whose step the
     time model (tail_kd/cost_model.py, default hardware, communication not overlapped) predicts
     fastest among those whose estimate fits `budget` at the recipe's micro-batch; the most
     frugal candidate when none fits."""
     candidates = placement_candidates(setup, teacher=teacher.parameters > 0)
     best, best_seconds = candidates[-1], float("inf")
-    for placement, stage in candidates:
-        variant = dataclasses.replace(setup, teacher_placement=placement, student_zero_stage=stage)
+    for candidate in candidates:
+        variant = with_placement(setup, candidate)
         if estimate(student, teacher, variant, setup.micro_batch_size)["total"] > budget:
             continue
         seconds = step_cost(student, teacher, variant, Hardware())["step_seconds_without_overlap"]
         if seconds < best_seconds:
-            best, best_seconds = (placement, stage), seconds
+            best, best_seconds = candidate, seconds
     return best
+
+
+def with_placement(setup: Setup, placement: tuple[str, int, int]) -> Setup:
+    """`setup` with a (teacher placement, student ZeRO stage, hpZ group size)."""
+    teacher, stage, hpz = placement
+    return dataclasses.replace(
+        setup, teacher_placement=teacher, student_zero_stage=stage, hpz_partition_size=hpz
+    )
 
 
 def make_plan(
@@ -580,8 +614,7 @@ def make_plan(
     checkpointing option, the fastest option that fits the recipe's micro-batch, host memory;
     `auto` placements chosen (`choose_placement`)."""
     budget = int(budget)
-    placement, stage = choose_placement(student, teacher, setup, budget)
-    setup = dataclasses.replace(setup, teacher_placement=placement, student_zero_stage=stage)
+    setup = with_placement(setup, choose_placement(student, teacher, setup, budget))
     options = []
     for offload_optimizer, offload_param, checkpointing in OPTIONS:
         offload = [
@@ -690,7 +723,8 @@ def format_plan(recipe_path: str, plan: dict) -> str:
             else []
         ),
         f"per GPU with the recipe's settings (student ZeRO-{setup['student_zero_stage']}, "
-        f"teacher {setup['teacher_placement']}, offload: {offload}, activation checkpointing "
+        f"teacher {setup['teacher_placement']}, hpZ group {setup['hpz_partition_size']}, "
+        f"offload: {offload}, activation checkpointing "
         f"{checkpointing}) at micro-batch "
         f"{setup['micro_batch_size']} x {setup['seq_len']} tokens:",
     ]
@@ -766,11 +800,12 @@ def format_time(cost: dict, setup: dict | Setup, gpu: str) -> str:
     setup = asdict(setup) if not isinstance(setup, dict) else setup
     hw, per_token = cost["hardware"], cost["flops_per_token"]
     nodes = setup["gpus"] // setup["gpus_per_node"]
-    link = "between nodes" if nodes > 1 else "within the node"
     lines = [
         "",
         f"time per step (student ZeRO-{setup['student_zero_stage']}, teacher "
-        f"{setup['teacher_placement']}; "
+        f"{setup['teacher_placement']}"
+        + (f", hpZ over {setup['hpz_partition_size']}" if setup["hpz_partition_size"] != 1 else "")
+        + "; "
         f"{setup['gpus']} x {gpu} at "
         f"{hw['peak_tflops']:g} TFLOP/s peak, assumed MFU {hw['mfu']:.0%}):",
         "  FLOPs per token: teacher forward {:.2f} G, student forward+backward {:.2f} G, "
@@ -784,13 +819,19 @@ def format_time(cost: dict, setup: dict | Setup, gpu: str) -> str:
         f"({cost['accumulation']} micro-batches) -> {cost['compute_seconds']:.2f} s",
     ]
     if setup["gpus"] > 1:
+        between = cost["received_between_nodes_bytes_per_step_per_gpu"]
+        hw_links = f"{hw['intra_node_gbps']:g} GB/s within the node"
+        if nodes > 1:
+            hw_links = (
+                f"{hw['inter_node_gbps']:g} GB/s between nodes ({between / 1e9:.2f} GB) and "
+                + hw_links
+            )
         logged = ", ".join(
             f"{name} {value / 1e9:.2f} GB" for name, value in cost["logged_bytes_per_step"].items()
         )
         lines += [
             f"  communication: each GPU receives {cost['received_bytes_per_step_per_gpu'] / 1e9:.2f}"
-            f" GB per step -> {cost['communication_seconds']:.2f} s at "
-            f"{cost['bandwidth_gbps']:g} GB/s {link}",
+            f" GB per step -> {cost['communication_seconds']:.2f} s at {hw_links}",
             f"  (DeepSpeed's comms logger would count: {logged}; check with "
             "--set deepspeed.comms_logger.enabled=true, TensorBoard comm/*)",
         ]

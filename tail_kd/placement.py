@@ -18,10 +18,15 @@ The student (P_s parameters), by ZeRO stage, what each rank holds and what a ste
     1   the whole weights and gradients (accumulated locally); optimizer states partitioned:
         gradients all-reduced once per step, the updated weights all-gathered once per step
 
-`auto` (the default of both) takes the placement `tail-kd plan` predicts fastest among those
+And `parallel.hpz_partition_size` G > 1 (ZeRO++'s hierarchical partitioning, hpZ): each ZeRO-3
+engine also keeps its weights partitioned over groups of G consecutive ranks (d P / G bytes more
+per rank) and, from its first gather on, gathers from that copy: its all-gathers stay within the
+node (G = the ranks per node) and only the gradients' reduce-scatter crosses nodes.
+
+`auto` (the default of all three) takes the placement `tail-kd plan` predicts fastest among those
 whose memory estimate fits the smallest GPU of the job at the recipe's settings
-(`memory_plan.choose_placement`; the ranks agree on the smallest GPU). On CPU ranks it keeps a
-ZeRO-3 teacher and a ZeRO-3 student.
+(`memory_plan.choose_placement`; the ranks agree on the smallest GPU); hpZ only on jobs of several
+nodes. On CPU ranks it keeps a ZeRO-3 teacher and a ZeRO-3 student, without hpZ.
 
 Every placement computes the same thing: the same curves, checkpoints and exported student
 (tests/test_train.py). Vocab-parallel heads read ZeRO-3's partitions: they need a ZeRO-3 student.
@@ -45,14 +50,17 @@ class Placement:
 
     teacher: str = "zero3"  # replicated | zero3
     student_zero_stage: int = 3  # 1 | 2 | 3
+    hpz_partition_size: int = 1  # G: the ZeRO-3 engines' secondary partition; 1 = off
 
     def describe(self, recipe: Recipe) -> str:
-        """`teacher replicated, student ZeRO-1 (parallel: teacher_placement auto, ...)`."""
+        """`placement: teacher replicated, student ZeRO-1 (parallel.teacher_placement: auto, ...)`."""
         parallel = recipe.parallel
+        hpz = f", hpZ over {self.hpz_partition_size} ranks" if self.hpz_partition_size > 1 else ""
         return (
-            f"placement: teacher {self.teacher}, student ZeRO-{self.student_zero_stage} "
+            f"placement: teacher {self.teacher}, student ZeRO-{self.student_zero_stage}{hpz} "
             f"(parallel.teacher_placement: {parallel.teacher_placement}, "
-            f"parallel.student_zero_stage: {parallel.student_zero_stage})"
+            f"parallel.student_zero_stage: {parallel.student_zero_stage}, "
+            f"parallel.hpz_partition_size: {parallel.hpz_partition_size})"
         )
 
 
@@ -75,7 +83,7 @@ def choose_placement(recipe: Recipe, ctx: DistContext, teacher_config, student_c
         gpus_per_node=ctx.topology.local_world_size,
     )
     candidates = placement_candidates(setup, teacher=teacher_config is not None)
-    if len(candidates) == 1:
+    if len(candidates) == 1:  # nothing to choose: no need to know the GPUs
         return Placement(*candidates[0])
     memory = torch.cuda.get_device_properties(ctx.device).total_memory
     budget = min(ctx.all_gather(memory))

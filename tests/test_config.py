@@ -240,6 +240,11 @@ def test_the_loss_chunk_covers_a_sequence_unless_set(tmp_path):
         ("parallel", {"student_zero_stage": True}, "expected one of auto, 1, 2, 3; got True"),
         (
             "parallel",
+            {"hpz_partition_size": 0},
+            "parallel.hpz_partition_size: expected auto or >= 1, got 0",
+        ),
+        (
+            "parallel",
             {"student_zero_stage": 2, "vocab_parallel_size": 2},
             "parallel.vocab_parallel_size: 2 cannot be combined with "
             "parallel.student_zero_stage: 2 (vocab-parallel heads read the rows of ZeRO-3's",
@@ -283,6 +288,15 @@ def test_micro_batch_must_divide_global_batch():
         error.value
     )
     assert "set train.micro_batch_size=2 or train.global_batch_size=9" in str(error.value)
+
+
+def test_the_hpz_group_must_divide_the_ranks():
+    data = with_section("parallel", hpz_partition_size=3)
+    data["train"] = {"global_batch_size": 24, "micro_batch_size": 1}
+    recipe = Recipe.from_dict(data)
+    with pytest.raises(RecipeError, match="parallel.hpz_partition_size: 3 does not divide the 4"):
+        recipe.check_world_size(4)
+    recipe.check_world_size(6)
 
 
 def test_check_world_size_names_both_fields_and_suggests_values():

@@ -100,12 +100,21 @@ def test_flops_match_torchs_flop_counter(cache, checkpointing):
 @pytest.fixture(scope="module")
 def logged_runs(cache, tmp_path_factory) -> dict:
     """Real runs with DeepSpeed's communication logger on: 2 ranks with gathered heads (2
-    micro-batches per step), 4 ranks with vocab-parallel heads (1 per step). (A replicated
-    teacher's run is checked in tests/test_train.py.)"""
+    micro-batches per step), 4 ranks with vocab-parallel heads (1 per step), the same with hpZ
+    over pairs of ranks (and 2 micro-batches of 1 per step). (The replicated teacher's and ZeRO-1/2 students' runs are checked in
+    tests/test_train.py.)"""
     root = tmp_path_factory.mktemp("comms")
     logger = ["deepspeed.comms_logger.enabled=true", "train.steps=3", "eval.every=0",
               "checkpoint.every=0"]  # fmt: skip
-    cases = {"gathered-2": (2, []), "vocab-parallel-4": (4, ["parallel.vocab_parallel_size=2"])}
+    vocab_parallel = ["parallel.vocab_parallel_size=2"]
+    cases = {
+        "gathered-2": (2, []),
+        "vocab-parallel-4": (4, vocab_parallel),
+        "hpz-4": (
+            4,
+            [*vocab_parallel, "parallel.hpz_partition_size=2", "train.micro_batch_size=1"],
+        ),
+    }
     runs = {}
     for name, (ranks, sets) in cases.items():
         run = launch(root / name, cache, [*logger, *sets], ranks=ranks)
@@ -114,7 +123,7 @@ def logged_runs(cache, tmp_path_factory) -> dict:
     return runs
 
 
-@pytest.mark.parametrize("case", ["gathered-2", "vocab-parallel-4"])
+@pytest.mark.parametrize("case", ["gathered-2", "vocab-parallel-4", "hpz-4"])
 def test_bytes_per_step_match_deepspeeds_logger(cache, logged_runs, case):
     """Steps 2 and 3 (the first step gathers module by module while ZeRO-3 traces the model)."""
     ranks, sets, run = logged_runs[case]
@@ -128,6 +137,18 @@ def test_bytes_per_step_match_deepspeeds_logger(cache, logged_runs, case):
             assert value == pytest.approx(v, rel=0.10), (case, name, value, v)
     logged = {tag.removeprefix("comm/") for tag in scalars if tag.startswith("comm/")}
     assert logged <= set(predicted["logged_bytes_per_step"]) | {"broadcast"}, logged
+
+
+def test_hpz_changes_what_is_gathered_not_the_run(logged_runs):
+    """ZeRO++'s hpZ over pairs of the 4 ranks (two "nodes"), 2 micro-batches of 1 per step: the
+    same losses and gradient norms as without it (1 micro-batch of 2), while the ranks gather from
+    their pair's partition (the bytes as planned: `test_bytes_per_step_match_deepspeeds_logger`)."""
+    *_, plain = logged_runs["vocab-parallel-4"]
+    *_, hpz = logged_runs["hpz-4"]
+    assert "hpZ over 2 ranks" in hpz.proc.stdout, hpz.output
+    expected, got = plain.scalars(), hpz.scalars()
+    for tag in ("train/loss", "train/grad_norm"):
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in expected[tag]], rel=1e-5)
 
 
 def test_plan_prints_the_time_of_a_recipe_and_its_token_budget(capsys, tmp_path):
@@ -179,10 +200,10 @@ def test_auto_takes_the_fastest_placement_that_fits(tmp_path, memory, device, pl
     out = tmp_path / "plan.json"
     main([*args, "--json", str(out)])
     plan = json.loads(out.read_text())
-    assert (plan["setup"]["teacher_placement"], plan["setup"]["student_zero_stage"]) == (
-        placement,
-        stage,
-    )
+    chosen_setup = plan["setup"]
+    assert chosen_setup["teacher_placement"] == placement
+    assert chosen_setup["student_zero_stage"] == stage
+    assert chosen_setup["hpz_partition_size"] == 1  # one node
     chosen = plan["time"]["step_seconds_without_overlap"]
     received = plan["time"]["received_bytes_per_step_per_gpu"]
     if device == "cpu":
@@ -195,7 +216,10 @@ def test_auto_takes_the_fastest_placement_that_fits(tmp_path, memory, device, pl
     for other in ("replicated", "zero3"):
         for other_stage in (1, 2, 3):
             variant = dataclasses.replace(
-                setup, teacher_placement=other, student_zero_stage=other_stage
+                setup,
+                teacher_placement=other,
+                student_zero_stage=other_stage,
+                hpz_partition_size=1,
             )
             if estimate(student, teacher, variant, setup.micro_batch_size)["total"] <= budget:
                 cost = step_cost(student, teacher, variant, Hardware())
@@ -203,25 +227,60 @@ def test_auto_takes_the_fastest_placement_that_fits(tmp_path, memory, device, pl
     assert times[placement, stage] == pytest.approx(chosen) == min(times.values()), times
     # ZeRO-3 for both gathers everything at every micro-batch: the most bytes
     if (placement, stage) != ("zero3", 3):
-        variant = dataclasses.replace(setup, teacher_placement="zero3", student_zero_stage=3)
+        variant = dataclasses.replace(
+            setup, teacher_placement="zero3", student_zero_stage=3, hpz_partition_size=1
+        )
         everything = step_cost(student, teacher, variant, Hardware())
         assert received < everything["received_bytes_per_step_per_gpu"]
 
 
-def test_auto_keeps_a_zero3_student_where_only_zero3_can_run():
+def test_auto_placement_candidates():
     """Vocab-parallel heads read ZeRO-3's partitions and only ZeRO-3 offloads parameters: `auto`
-    does not consider stages 1 and 2 there; explicit settings are the only candidates."""
+    does not consider stages 1 and 2 there; explicit settings are the only candidates; hpZ is a
+    candidate on jobs of several nodes, for placements with a ZeRO-3 engine; CPU ranks keep
+    everything ZeRO-3."""
     recipe = load_recipe(REPO / "recipes" / "paper" / "qwen1.5-1.8b-to-1.2b.yaml")
     setup = setup_of(recipe, device="cuda", gpus=8, gpus_per_node=8)
     assert placement_candidates(setup) == [
-        (t, s) for t in ("replicated", "zero3") for s in (1, 2, 3)
+        (t, s, 1) for t in ("replicated", "zero3") for s in (1, 2, 3)
     ]
     for change in ({"vocab_parallel_size": 2}, {"offload_param": True}):
         assert placement_candidates(dataclasses.replace(setup, **change)) == [
-            ("replicated", 3),
-            ("zero3", 3),
+            ("replicated", 3, 1),
+            ("zero3", 3, 1),
         ]
     fixed = dataclasses.replace(setup, teacher_placement="zero3", student_zero_stage=2)
-    assert placement_candidates(fixed) == [("zero3", 2)]
-    assert placement_candidates(setup, teacher=False) == [("zero3", 1), ("zero3", 2), ("zero3", 3)]
-    assert placement_candidates(dataclasses.replace(setup, device="cpu")) == [("zero3", 3)]
+    assert placement_candidates(fixed) == [("zero3", 2, 1)]
+    assert placement_candidates(setup, teacher=False) == [(t, s, 1) for t, s in
+                                                          [("zero3", 1), ("zero3", 2), ("zero3", 3)]]  # fmt: skip
+    assert placement_candidates(dataclasses.replace(setup, device="cpu")) == [("zero3", 3, 1)]
+    nodes = setup_of(recipe, device="cuda", gpus=32, gpus_per_node=8)
+    assert placement_candidates(nodes)[:4] == [("replicated", 1, 1), ("replicated", 2, 1),
+                                               ("replicated", 3, 1), ("replicated", 3, 8)]  # fmt: skip
+    assert ("zero3", 1, 8) in placement_candidates(nodes)  # the ZeRO-3 teacher's gathers
+
+
+def test_auto_takes_hpz_on_several_nodes(tmp_path):
+    """4 nodes of 8 GPUs, a ZeRO-3 teacher: with hpZ over the node its gathers stay within the
+    node, predicted faster, so `auto` takes it; between nodes only the student's gradients and
+    gathers remain. With a replicated teacher and one micro-batch per step hpZ would gather
+    nothing within the node (the student's first gather after a step is over all ranks): off."""
+    from tail_kd.memory_plan import main
+
+    recipe = REPO / "recipes" / "paper" / "qwen1.5-1.8b-to-1.2b.yaml"
+    nodes = [str(recipe), "--gpus", "32", "--gpus-per-node", "8"]
+    plans = {}
+    for name, sets in (("auto", []), ("off", ["parallel.hpz_partition_size=1"])):
+        out = tmp_path / f"{name}.json"
+        teacher = ["--set", "parallel.teacher_placement=zero3"]
+        main([*nodes, *teacher, "--json", str(out), *(f"--set={v}" for v in sets)])
+        plans[name] = json.loads(out.read_text())
+    assert plans["auto"]["setup"]["hpz_partition_size"] == 8
+    between = [p["time"]["received_between_nodes_bytes_per_step_per_gpu"] for p in plans.values()]
+    assert between[0] < 0.7 * between[1]
+    seconds = [p["time"]["step_seconds_without_overlap"] for p in plans.values()]
+    assert seconds[0] < seconds[1]
+    replicated = tmp_path / "replicated.json"
+    main([*nodes, "--json", str(replicated)])
+    setup = json.loads(replicated.read_text())["setup"]
+    assert (setup["teacher_placement"], setup["hpz_partition_size"]) == ("replicated", 1)

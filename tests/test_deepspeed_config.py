@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tail_kd.config import Recipe, RecipeError
+from tail_kd.placement import Placement
 from tail_kd.deepspeed_config import (
     check_deepspeed_config,
     check_deepspeed_overrides,
@@ -39,13 +40,21 @@ def test_student_config_follows_the_recipe():
 
 
 def test_the_student_takes_its_zero_stage_and_the_teacher_stays_zero3():
-    """parallel.student_zero_stage, or the stage the run chose for `auto` (3 until it has)."""
+    """parallel.student_zero_stage and hpz_partition_size, or what the run chose for `auto`
+    (ZeRO-3 without hpZ until it has); hpZ applies to the ZeRO-3 engines only."""
     assert student_config(recipe(), 2, "cuda")["zero_optimization"] == {"stage": 3}
-    assert student_config(recipe(), 2, "cuda", 1)["zero_optimization"] == {"stage": 1}
+    chosen = Placement("replicated", 1, 1)
+    assert student_config(recipe(), 2, "cuda", chosen)["zero_optimization"] == {"stage": 1}
     explicit = recipe(parallel={"student_zero_stage": 2})
     config = student_config(explicit, 2, "cuda")
     assert config["zero_optimization"] == {"stage": 2}
     assert teacher_config(config, torch.bfloat16)["zero_optimization"] == {"stage": 3}
+    hpz = student_config(recipe(), 4, "cuda", Placement("zero3", 3, 2))["zero_optimization"]
+    assert hpz == {"stage": 3, "zero_hpz_partition_size": 2}
+    not_zero3 = student_config(recipe(), 4, "cuda", Placement("zero3", 2, 2))
+    assert not_zero3["zero_optimization"] == {"stage": 2}
+    teacher = teacher_config(not_zero3, torch.bfloat16, 2)["zero_optimization"]
+    assert teacher == {"stage": 3, "zero_hpz_partition_size": 2}
 
 
 def test_only_a_zero3_student_offloads_its_parameters():

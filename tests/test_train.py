@@ -330,7 +330,7 @@ def test_a_replicated_teacher_and_a_zero2_student_train_the_same_student(workdir
     assert_logged_bytes_as_planned(resumed, workdir / "cache", sets)
     assert (
         "placement: teacher zero3, student ZeRO-3 (parallel.teacher_placement: auto, "
-        "parallel.student_zero_stage: auto)" in full.proc.stdout
+        "parallel.student_zero_stage: auto, parallel.hpz_partition_size: auto)" in full.proc.stdout
     )
 
 

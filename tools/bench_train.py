@@ -334,12 +334,11 @@ def compare_with_plan(recipe, plan, device, placement, measured):
     with, against the measured peak."""
     import dataclasses
 
-    from tail_kd.memory_plan import estimate, model_shape, setup_of
+    from tail_kd.memory_plan import estimate, model_shape, setup_of, with_placement
 
-    setup = dataclasses.replace(
+    setup = with_placement(
         setup_of(recipe, device=device, gpus=1, gpus_per_node=1),
-        teacher_placement=placement.teacher,
-        student_zero_stage=placement.student_zero_stage,
+        dataclasses.astuple(placement),
     )
     teacher = model_shape(plan.teacher_config)
     parts = estimate(

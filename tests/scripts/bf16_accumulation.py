@@ -17,6 +17,7 @@ ctx = init_distributed("cpu")
 import deepspeed
 from deepspeed.utils import safe_get_full_grad
 from tail_kd.deepspeed_config import student_config
+from tail_kd.placement import Placement
 
 recipe = Recipe.from_dict(
     {
@@ -32,7 +33,8 @@ recipe = Recipe.from_dict(
         "deepspeed": json.loads(sys.argv[1]) if len(sys.argv) > 1 else {},
     }
 )
-config = student_config(recipe, 1, "cpu", int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+stage = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+config = student_config(recipe, 1, "cpu", Placement(student_zero_stage=stage))
 model = torch.nn.Linear(1, 1, bias=False)
 torch.nn.init.ones_(model.weight)
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
