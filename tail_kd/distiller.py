@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from tail_kd.config import LossConfig, Recipe
+from tail_kd.config import DataConfig, LossConfig, Recipe
 from tail_kd.deepspeed_config import student_config, teacher_config
 from tail_kd.distributed import DistContext
 from tail_kd.eval.metrics import TokenMetrics, score_hidden_states
@@ -58,13 +58,15 @@ __all__ = [
 
 
 def loss_function(
-    loss: LossConfig, plan: ModelPlan, device: str, seq_len: int, *, reference: bool = False
+    loss: LossConfig, plan: ModelPlan, device: str, data: DataConfig, *, reference: bool = False
 ) -> LossFunction:
     """The recipe's loss as `fn(*LossInputs, group=None) -> DistillationLossOutput`: the fused
     loss (compiled on GPUs unless `loss.kernels` says otherwise), or with `reference=True` the
     dense reference (full [tokens, V] logits: for checking and debugging only). The models'
     vocabulary and logit post-processing come from their `plan`; the chunk size from
-    `loss.chunk_tokens(seq_len)`."""
+    `loss.chunk_tokens(data.seq_len)`. Packed data (`data.kind: pretrain`, a label at every
+    position) split into the same chunks at every micro-batch: their compiled chunks get static
+    shapes; question/answer data's vary, and get one dynamic-shape graph."""
     has_teacher = plan.teacher_config is not None
     options = dict(
         divergence=loss.divergence,
@@ -81,8 +83,9 @@ def loss_function(
     compiled = loss.kernels == "compiled" or (loss.kernels == "auto" and device == "cuda")
     return functools.partial(
         fused_distillation_loss,
-        chunk_size=loss.chunk_tokens(seq_len),
+        chunk_size=loss.chunk_tokens(data.seq_len),
         compile=compiled,
+        static_shapes=data.kind == "pretrain",
         **options,
     )
 

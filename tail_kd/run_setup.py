@@ -98,7 +98,7 @@ def set_up_run(recipe: Recipe, options, ctx: DistContext, stop_flag: StopFlag):
         recipe.loss,
         plan,
         ctx.device.type,
-        recipe.data.seq_len,
+        recipe.data,
         reference=options.reference_loss,
     )
     placement = choose_placement(recipe, ctx, plan.teacher_config, plan.student_config)

@@ -67,7 +67,7 @@ def test_flops_match_torchs_flop_counter(cache, checkpointing):
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     student.train()
-    loss_fn = loss_function(recipe.loss, plan_models(recipe), "cpu", recipe.data.seq_len)
+    loss_fn = loss_function(recipe.loss, plan_models(recipe), "cpu", recipe.data)
     b, t = setup.micro_batch_size, setup.seq_len
     ids = torch.randint(
         0, teacher_config.vocab_size, (b, t), generator=torch.Generator().manual_seed(0)

@@ -228,6 +228,31 @@ def test_compiled_kernels_match_eager(divergence, k):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_static_shapes_compile_each_chunk_length_once():
+    """What packed data get (`loss_function`): a graph per chunk length, here 7 and the last 5 of
+    26 tokens, compiled on the first call only, with the eager results; the same batch again
+    compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    from tail_kd.losses.fused import _compiler_works
+
+    torch._dynamo.reset()
+    assert _compiler_works("cpu")  # its probe compiled (once per process) before we count
+    batch = make_batch(dtype=torch.float32)
+    kwargs = dict(k=None, divergence="forward_kl", chunk_size=7)
+    eager = loss_and_grads(fused_distillation_loss, *batch, **kwargs)
+    graphs = []
+    for static_shapes in (True, True, False):
+        before = counters["stats"]["unique_graphs"]
+        compiled = loss_and_grads(
+            fused_distillation_loss, *batch, compile=True, static_shapes=static_shapes, **kwargs
+        )
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        for a, b in zip(compiled, eager):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert graphs == [2, 0, 1]  # dynamic shapes: one graph for both lengths
+
+
 @pytest.mark.parametrize("divergence", ["tad", "forward_kl", "reverse_kl", "none"])
 def test_dense_reference_matches_fused_loss_on_every_output(divergence):
     """The --reference-loss path and the fused loss agree on every output and gradient, padding

@@ -106,7 +106,7 @@ def main(argv=None):
         recipe=recipe,
         ctx=ctx,
         vocab_size=plan.vocab_size,
-        loss_fn=loss_function(recipe.loss, plan, device, recipe.data.seq_len),
+        loss_fn=loss_function(recipe.loss, plan, device, recipe.data),
         placement=placement,
     )
     engine = distiller.student
@@ -158,9 +158,7 @@ def main(argv=None):
 
     def use_loss(divergence, **bound):
         recipe.loss.divergence = divergence
-        loss = functools.partial(
-            loss_function(recipe.loss, plan, device, recipe.data.seq_len), **bound
-        )
+        loss = functools.partial(loss_function(recipe.loss, plan, device, recipe.data), **bound)
         engine.module.loss_fn = phases.wrap("loss", loss)
 
     teacher_engine = distiller.teacher

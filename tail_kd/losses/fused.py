@@ -59,6 +59,7 @@ class LossSpec:
     ce_weight: float
     chunk_size: int
     compile: bool
+    static_shapes: bool = False  # compiled graphs specialised to each chunk length
     student_transform: LogitTransform = IDENTITY  # the models' post-processing of their logits
     teacher_transform: LogitTransform = IDENTITY
 
@@ -77,6 +78,7 @@ class LossSpec:
         ce_weight: float,
         chunk_size: int,
         compile: bool,
+        static_shapes: bool = False,
         student_transform: LogitTransform = IDENTITY,
         teacher_transform: LogitTransform = IDENTITY,
     ) -> LossSpec:
@@ -95,6 +97,7 @@ class LossSpec:
             ce_weight=float(ce_weight),
             chunk_size=int(chunk_size),
             compile=bool(compile),
+            static_shapes=bool(static_shapes),
             student_transform=student_transform,
             teacher_transform=teacher_transform,
         )
@@ -116,6 +119,7 @@ def fused_distillation_loss(
     group: dist.ProcessGroup | None = None,
     chunk_size: int = 1024,
     compile: bool = False,
+    static_shapes: bool = False,
     student_transform: LogitTransform = IDENTITY,
     teacher_transform: LogitTransform = IDENTITY,
 ) -> DistillationLossOutput:
@@ -142,6 +146,12 @@ def fused_distillation_loss(
             and the per-token arithmetic between them) as one graph: fewer passes over memory, no
             float32 intermediates, fewer kernel launches; the first call of each configuration
             pays the compilation.
+        static_shapes: with `compile`, one graph per chunk length, specialised to it, instead of
+            one graph for every length (dynamic shapes). For inputs whose lengths repeat from call
+            to call, as packed data's do (every position has a label, so every micro-batch splits
+            into the same chunks: whole ones and one remainder): each length compiles once. Not
+            for lengths that vary (labels masked on prompts), which would compile again and
+            again.
         student_transform, teacher_transform: what each model does to its lm_head's output
             before the softmax (a scale, a soft cap: `logits.LogitTransform`); applied to each
             chunk, with its derivative in the gradient.
@@ -154,6 +164,7 @@ def fused_distillation_loss(
         ce_weight=ce_weight,
         chunk_size=chunk_size,
         compile=compile,
+        static_shapes=static_shapes,
         student_transform=student_transform,
         teacher_transform=teacher_transform,
     )
@@ -296,7 +307,9 @@ class _FusedDistillationLoss(torch.autograd.Function):
         grad_w = torch.zeros_like(s_weight, dtype=_math_dtype(s_weight)) if want_grad_w else None
         sums = torch.zeros(len(LOSS_TERMS), dtype=_math_dtype(s_weight), device=s_hidden.device)
 
-        chunk_fn = _compiled(_chunk, s_hidden.device.type) if spec.compile else _chunk
+        chunk_fn = _chunk
+        if spec.compile:
+            chunk_fn = _compiled(_chunk, s_hidden.device.type, spec.static_shapes)
         sequences = None
         if spec.divergence.sequence_normalised:
             sequences = _SequenceState.create(tokens, sums.dtype)
@@ -438,7 +451,7 @@ class _SequenceState:
         sums = torch.zeros_like(self.prepass_mean)
         tail_mass = _teacher_tail_mass
         if spec.compile:
-            tail_mass = _compiled(_teacher_tail_mass, self.ids.device.type)
+            tail_mass = _compiled(_teacher_tail_mass, self.ids.device.type, spec.static_shapes)
         for seq in long_seqs:
             for start in range(starts[seq], starts[seq + 1], spec.chunk_size):
                 end = min(start + spec.chunk_size, starts[seq + 1])
@@ -492,13 +505,15 @@ class CompileFallbackWarning(UserWarning):
 
 
 @functools.cache
-def _compiled(fn, device_type: str):
+def _compiled(fn, device_type: str, static_shapes: bool = False):
     """fn through torch.compile, as one graph: around the matmuls and the top-K, a chunk's
     elementwise passes and per-token arithmetic fuse into a few loops whose float32
-    intermediates never exist in memory (dynamic shapes: chunks differ in length). Collectives
-    of vocab-parallel groups split the graph where they sit. `fn` itself where compiling does not
-    work (`_compiler_works`)."""
-    return torch.compile(fn, dynamic=True) if _compiler_works(device_type) else fn
+    intermediates never exist in memory; with dynamic shapes (one graph for every chunk length),
+    or `static_shapes` (a graph per length). Collectives of vocab-parallel groups split the graph
+    where they sit. `fn` itself where compiling does not work (`_compiler_works`)."""
+    if not _compiler_works(device_type):
+        return fn
+    return torch.compile(fn, dynamic=not static_shapes)
 
 
 @functools.cache
