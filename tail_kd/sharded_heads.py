@@ -52,6 +52,7 @@ class VocabGroups:
 
     size: int  # P
     group: dist.ProcessGroup
+    host_group: dist.ProcessGroup  # the same ranks over gloo, for host tensors (the labels)
     position: int  # this rank's position in its group, 0..P-1
     bounds: tuple[int, ...]  # shard j = rows [bounds[j], bounds[j + 1]); bounds[-1] = V
 
@@ -62,19 +63,24 @@ class VocabGroups:
 
 def vocab_groups(size: int, vocab_size: int) -> VocabGroups:
     """Split the ranks into groups of `size` consecutive ranks (a collective: every rank calls it,
-    and every rank creates every group, as `torch.distributed.new_group` requires)."""
+    and every rank creates every group, as `torch.distributed.new_group` requires), each also as
+    a gloo group for host tensors where the job's backend is NCCL (which sends device tensors
+    only)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     problem = vocab_parallel_problem(size, world_size=world, vocab_size=vocab_size)
     if problem:
         raise ValueError(problem)
+    host_backend = dist.get_backend() == "gloo"
     mine = None
     for start in range(0, world, size):
-        group = dist.new_group(list(range(start, start + size)))
+        ranks = list(range(start, start + size))
+        group = dist.new_group(ranks)
+        host_group = group if host_backend else dist.new_group(ranks, backend="gloo")
         if start <= rank < start + size:
-            mine = group
+            mine = group, host_group
     splits = torch.tensor_split(torch.arange(vocab_size), size)
     bounds = tuple([0] + [int(part[-1]) + 1 for part in splits])
-    return VocabGroups(size, mine, rank % size, bounds)
+    return VocabGroups(size, *mine, rank % size, bounds)
 
 
 class ShardedHead:
@@ -164,7 +170,9 @@ def group_loss(
     micro-batches add only their gradient for this rank's rows (`inputs` holds this rank's
     hidden states and labels and its rows of both lm_heads).
 
-    The members' hidden states, teacher hidden states and labels are all-gathered; the group then
+    The members' hidden states and teacher hidden states are all-gathered on the device, their
+    labels on the host (over `host_group`: the loss works out the valid tokens of each from host
+    labels without waiting for the device, tail_kd/losses/fused.py); the group then
     computes one vocab-parallel loss per member's micro-batch, which is exactly that micro-batch's
     loss at P = 1 (its own mean over its tokens). This rank returns its own micro-batch's; the
     others enter as `loss - loss.detach()`, zero in value, carrying their gradient for this
@@ -173,12 +181,9 @@ def group_loss(
     """
     hidden = inputs.student_hidden
     members = {
-        name: _all_gather(value, groups)
-        for name, value in (
-            ("hidden", hidden.detach()),
-            ("teacher_hidden", inputs.teacher_hidden),
-            ("labels", inputs.labels.to(hidden.device, non_blocking=True)),  # NCCL: device only
-        )
+        "hidden": _all_gather(hidden.detach(), groups.group, groups.size),
+        "teacher_hidden": _all_gather(inputs.teacher_hidden, groups.group, groups.size),
+        "labels": _all_gather(inputs.labels.cpu(), groups.host_group, groups.size),
     }
     own, others = None, None
     for m in range(groups.size):
@@ -206,11 +211,11 @@ def _leaf_like(x: Tensor, like: Tensor) -> Tensor:
     return x.requires_grad_(like.requires_grad)
 
 
-def _all_gather(x: Tensor | None, groups: VocabGroups) -> list[Tensor] | None:
+def _all_gather(x: Tensor | None, group: dist.ProcessGroup, size: int) -> list[Tensor] | None:
     if x is None:
         return None
-    out = [torch.empty_like(x) for _ in range(groups.size)]
-    dist.all_gather(out, x.contiguous(), group=groups.group)
+    out = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(out, x.contiguous(), group=group)
     return out
 
 
