@@ -69,9 +69,10 @@ prefetching and bucketing hide the collectives behind compute, their sum when th
 GPU communicates nothing. With cached teacher states the job also reads S H_t d_t bytes per token from disk: the
 plan states the rate per node the step time implies.
 
-Checked by tests/test_cost_model.py: the FLOPs against torch's FLOP counter on a real forward and
-backward (within 10%), the bytes against DeepSpeed's logger in real 2- and 4-rank runs (within
-10%). Not checked: the vocab-parallel exchanges' estimate, and the step time, which needs a GPU.
+Checked by tests/test_cost_model.py and tests/test_train.py: the FLOPs against torch's FLOP
+counter on a real forward and backward (within 10%), the bytes against DeepSpeed's logger in real
+2- and 4-rank runs of every placement and of hpZ (within 10%). Not checked: the vocab-parallel
+exchanges' estimate, and the step time, which needs a GPU.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ runs are module fixtures shared by the tests that check them:
     4 ranks  an untied student, P = 1 and P = 2 (two groups of 2) -> same curve and student
     placements   `full` with a replicated teacher and a ZeRO-2 student,   -> same curve and
                  and with a ZeRO-1 student, each stopped and resumed;   student as `full`
-                 a replicated teacher with P = 2                        (1e-5; P = 2 1e-4)
+                 the other pairs uninterrupted;                         (1e-5; P = 2 1e-4)
+                 a replicated teacher with P = 2
 
 All runs share one cache (tiny teacher, tokenised data), built by the first.
 """
@@ -40,6 +41,7 @@ from tail_kd.train import main
 
 STEPS = 8
 COMMON = [f"train.steps={STEPS}", "checkpoint.every=4", "eval.every=4"]
+LOGGED = "deepspeed.comms_logger.enabled=true"  # comm/* bytes per step in TensorBoard
 # One step whose update is proportional to the gradient: Adam's first step is
 # lr * g / (|g| + eps), ~ g for eps = 1 >> |g|; no weight decay, clipping or schedule.
 SGD_LIKE_STEP = [
@@ -78,8 +80,8 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def full(workdir) -> Run:
-    return launch(workdir / "full", workdir / "cache", COMMON)
+def full(workdir) -> Run:  # DeepSpeed's communication logger on: it changes no number
+    return launch(workdir / "full", workdir / "cache", [*COMMON, LOGGED])
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +314,9 @@ def assert_logged_bytes_as_planned(run: Run, cache: Path, sets: list[str]) -> No
         assert all(v == pytest.approx(value, rel=0.10) for v in measured), (name, value, measured)
 
 
-LOGGED = "deepspeed.comms_logger.enabled=true"
+def test_the_zero3_pair_sends_the_bytes_planned(workdir, full):
+    """`full`: a ZeRO-3 teacher and student, gathered heads, 2 micro-batches per step."""
+    assert_logged_bytes_as_planned(full, workdir / "cache", COMMON)
 
 
 def test_a_replicated_teacher_and_a_zero2_student_train_the_same_student(workdir, full, tmp_path):
@@ -345,6 +349,20 @@ def test_a_zero1_student_trains_the_same_student(workdir, full, tmp_path):
     resumed = launch(run_dir, workdir / "cache", [*sets, LOGGED], "--resume")
     assert_same_run(full, resumed, STEPS, tmp_path, tolerance=1e-5)
     assert_logged_bytes_as_planned(resumed, workdir / "cache", sets)
+
+
+@pytest.mark.parametrize("teacher, stage", [("replicated", 1), ("zero3", 2), ("replicated", 3)])
+def test_the_other_placements_train_the_same_student(workdir, full, tmp_path, teacher, stage):
+    """The placements the two tests above do not cover, uninterrupted: the same curves and
+    exported student as the ZeRO-3 pair to 1e-5."""
+    sets = [
+        *COMMON,
+        f"parallel.teacher_placement={teacher}",
+        f"parallel.student_zero_stage={stage}",
+    ]
+    run = launch(workdir / f"{teacher}-zero{stage}", workdir / "cache", sets)
+    assert f"placement: teacher {teacher}, student ZeRO-{stage}" in run.proc.stdout, run.output
+    assert_same_run(full, run, STEPS, tmp_path, tolerance=1e-5)
 
 
 def test_a_replicated_teacher_with_vocab_parallel_heads(workdir, full, tmp_path):
