@@ -552,11 +552,10 @@ def hpz_size(setup: Setup) -> int:
 def placement_candidates(setup: Setup, teacher: bool = True) -> list[tuple[str, int, int]]:
     """The (teacher placement, student ZeRO stage, hpZ group size) placements `auto` may choose
     from, in the order ties are broken (fewest gathers, then least memory first): the recipe's
-    settings where they
-    are not `auto`; a ZeRO-3 student with vocab-parallel heads or offloaded parameters; both
-    ZeRO-3 and no hpZ on CPU ranks (they share one host's memory, and ZeRO-3 keeps CPU runs as
-    they were); hpZ over a node only on jobs of several nodes, and only where an engine is ZeRO-3.
-    Without a teacher its placement means nothing: zero3."""
+    settings where they are not `auto`; a ZeRO-3 student with vocab-parallel heads or offloaded
+    parameters; both ZeRO-3 and no hpZ on CPU ranks (they share one host's memory, and ZeRO-3
+    keeps CPU runs as they were); hpZ over a node only on jobs of several nodes, and only where an
+    engine is ZeRO-3. Without a teacher its placement means nothing: zero3."""
     cpu = setup.device != "cuda"
     teachers = [setup.teacher_placement]
     if not teacher or (cpu and setup.teacher_placement == "auto"):
@@ -585,18 +584,22 @@ def choose_placement(
 ) -> tuple[str, int, int]:
     """`auto` placements (tail_kd/placement.py): of `placement_candidates`, the one whose step the
     time model (tail_kd/cost_model.py, default hardware, communication not overlapped) predicts
-    fastest among those whose estimate fits `budget` at the recipe's micro-batch; the most
-    frugal candidate when none fits."""
+    fastest among those whose estimate fits `budget` at the recipe's micro-batch; the one with
+    the smallest estimate when none fits."""
     candidates = placement_candidates(setup, teacher=teacher.parameters > 0)
-    best, best_seconds = candidates[-1], float("inf")
-    for candidate in candidates:
-        variant = with_placement(setup, candidate)
-        if estimate(student, teacher, variant, setup.micro_batch_size)["total"] > budget:
-            continue
-        seconds = step_cost(student, teacher, variant, Hardware())["step_seconds_without_overlap"]
-        if seconds < best_seconds:
-            best, best_seconds = candidate, seconds
-    return best
+    variants = {c: with_placement(setup, c) for c in candidates}
+    total = {
+        c: estimate(student, teacher, v, setup.micro_batch_size)["total"]
+        for c, v in variants.items()
+    }
+    fitting = [c for c in candidates if total[c] <= budget]
+    if not fitting:
+        return min(candidates, key=total.__getitem__)
+    seconds = {
+        c: step_cost(student, teacher, variants[c], Hardware())["step_seconds_without_overlap"]
+        for c in fitting
+    }
+    return min(fitting, key=seconds.__getitem__)  # the first of equals: the tie-break order
 
 
 def with_placement(setup: Setup, placement: tuple[str, int, int]) -> Setup:

@@ -258,6 +258,17 @@ def test_auto_placement_candidates():
     assert ("zero3", 1, 8) in placement_candidates(nodes)  # the ZeRO-3 teacher's gathers
 
 
+def test_auto_takes_the_smallest_placement_when_nothing_fits():
+    """Then the plan says DOES NOT FIT for the placement with the smallest estimate: both
+    ZeRO-3, without hpZ's second partition."""
+    from tail_kd.memory_plan import choose_placement
+
+    recipe = load_recipe(REPO / "recipes" / "paper" / "qwen1.5-1.8b-to-1.2b.yaml")
+    teacher, student = (model_shape(config) for config in plan_configs(recipe))
+    setup = setup_of(recipe, device="cuda", gpus=32, gpus_per_node=8)
+    assert choose_placement(student, teacher, setup, budget=1) == ("zero3", 3, 1)
+
+
 def test_auto_takes_hpz_on_several_nodes(tmp_path):
     """4 nodes of 8 GPUs, a ZeRO-3 teacher: with hpZ over the node its gathers stay within the
     node, predicted faster, so `auto` takes it; between nodes only the student's gradients and
