@@ -20,8 +20,10 @@ The student (P_s parameters), by ZeRO stage, what each rank holds and what a ste
 
 And `parallel.hpz_partition_size` G > 1 (ZeRO++'s hierarchical partitioning, hpZ): each ZeRO-3
 engine also keeps its weights partitioned over groups of G consecutive ranks (d P / G bytes more
-per rank) and, from its first gather on, gathers from that copy: its all-gathers stay within the
-node (G = the ranks per node) and only the gradients' reduce-scatter crosses nodes.
+per rank) and, from its first gather on, gathers from that copy, within the node (G = the ranks
+per node): the frozen teacher always, the student at every micro-batch but the first after each
+optimizer step (which refreshes the copy); that gather and the gradients' reduce-scatter cross
+nodes (tail_kd/cost_model.py).
 
 `auto` (the default of all three) takes the placement `tail-kd plan` predicts fastest among those
 whose memory estimate fits the smallest GPU of the job at the recipe's settings
